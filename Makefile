@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	# torch and torchvision pinned as a pair (torchvision must match torch's build)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/curate synth --out demo/pool --samples 2000 --seed 0
+	$(PY) pipeline/curate.py --config jobs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo runs

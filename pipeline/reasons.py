@@ -1,0 +1,45 @@
+"""Every reason a sample can be dropped, in the order the steps run.
+
+A sample's `drop_reason` is the first step in this order that dropped it (algorithms.md section 7);
+later steps only see the survivors of earlier ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DropReason:
+    name: str
+    step: str
+    meaning: str
+
+
+DROP_REASONS: tuple[DropReason, ...] = (
+    # ingest: input that cannot be used as a sample at all
+    DropReason("download_failed", "ingest", "listed in the shard's img2dataset Parquet but never downloaded"),
+    DropReason("unsafe_member", "ingest", "a member is a link, a device, an absolute path or climbs out with '..'"),
+    DropReason("truncated", "ingest", "a member is cut short by the end of the shard"),
+    DropReason("oversize_member", "ingest", "a member is larger than ingest.max_member_bytes"),
+    DropReason("missing_image", "ingest", "no image member"),
+    DropReason("image_too_large", "ingest", "image header declares more than ingest.max_image_pixels (never decoded)"),
+    DropReason("corrupt_image", "ingest", "the image does not decode"),
+    DropReason("missing_caption", "ingest", "no .txt member"),
+    DropReason("undecodable_caption", "ingest", "the caption is not valid UTF-8"),
+    # basic filter (DataComp "basic")
+    DropReason("caption_too_short", "basic_filter", "too few words or characters"),
+    DropReason("not_english", "basic_filter", "caption language not in basic_filter.languages"),
+    DropReason("image_too_small", "basic_filter", "min(width, height) below basic_filter.min_image_side"),
+    DropReason("extreme_aspect", "basic_filter", "max/min side above basic_filter.max_aspect_ratio"),
+    # deduplication
+    DropReason("duplicate_uid", "dedup", "another sample earlier in the pool has the same uid"),
+    DropReason("exact_duplicate", "dedup", "image bytes identical to the kept sample in duplicate_of"),
+)
+
+REASON_NAMES: tuple[str, ...] = tuple(r.name for r in DROP_REASONS)
+INGEST_REASONS: frozenset[str] = frozenset(r.name for r in DROP_REASONS if r.step == "ingest")
+
+
+def reason_rank(name: str) -> int:
+    return REASON_NAMES.index(name)

