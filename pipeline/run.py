@@ -86,18 +86,24 @@ class RunContext:
     record: StageRecord = field(default=None)  # the running stage's record
     stage_name: str = ""
     started: float = 0.0
+    _done_now: int = 0  # partitions finished in this run (not an earlier, interrupted one)
+    _samples_now: int = 0
 
     def partition_done(self, partition: int, stats: dict) -> None:
-        """Record a completed partition (its output is already renamed into place)."""
+        """Record a completed partition (its output is already renamed into place) and log progress."""
         if partition not in self.record.partitions_done:
             self.record.partitions_done.append(partition)
+            self._done_now += 1
+            self._samples_now += int(stats.get("samples", stats.get("count", 0)) or 0)
         self.record.counts.setdefault("partitions", {})[str(partition)] = stats
         self.manifest.set_stage(self.stage_name, self.record, throttle_s=2.0)
         done, total = len(self.record.partitions_done), self.record.counts.get("partitions_total", 0)
         elapsed = time.perf_counter() - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 and total else 0.0
-        log.info("%s: %d/%d partitions (%.2f/s, ETA %.0fs)", self.stage_name, done, total, rate, eta)
+        rate = self._samples_now / elapsed if elapsed > 0 else 0.0
+        per_partition = elapsed / self._done_now if self._done_now else 0.0
+        eta = (total - done) * per_partition
+        log.info("%s: %d/%d partitions, %d samples (%.0f samples/s), ETA %.0fs",
+                 self.stage_name, done, total, self._samples_now, rate, eta)
 
     def todo(self, indices: list[int]) -> list[int]:
         """The partitions of `indices` not yet done (resume)."""

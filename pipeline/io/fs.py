@@ -114,6 +114,12 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         handle.write(data)
 
 
+def open_input(url: str, block_size: int = 8 * 2**20):
+    """Open a file for streaming or ranged reads with a read-ahead block of `block_size` bytes."""
+    fsys, path = to_fs(url)
+    return fsys.open(path, "rb", block_size=block_size)
+
+
 def read_bytes(url: str) -> bytes:
     with fsspec.open(url, "rb") as handle:
         return handle.read()

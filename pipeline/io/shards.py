@@ -6,7 +6,7 @@ in offset order through a read-ahead buffer (on S3, a few large ranged GETs).
 
 from __future__ import annotations
 
-import fsspec
+from pipeline.io import fs
 
 KINDS = ("image", "text", "json")
 
@@ -20,7 +20,7 @@ def fetch_members(source: str, samples: list[dict], *, kinds=KINDS, block_size: 
     in the order given."""
     order = sorted(range(len(samples)), key=lambda i: samples[i].get("image_offset") or 0)
     fetched: list[dict | None] = [None] * len(samples)
-    with fsspec.open(source, "rb", block_size=block_size) as handle:
+    with fs.open_input(source, block_size) as handle:
         for i in order:
             sample, members = samples[i], {}
             for kind in kinds:

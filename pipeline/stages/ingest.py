@@ -295,12 +295,11 @@ class IngestWorker:
         self.langid = LanguageIdentifier()
 
     def __call__(self, item: dict) -> dict:
-        import fsspec
-
+        from pipeline.io import fs
         from pipeline.io.parquet import write_table_atomic
 
         try:
-            with fsspec.open(item["url"], "rb", block_size=8 * 2**20) as stream:
+            with fs.open_input(item["url"]) as stream:
                 table, report = ingest_shard(
                     stream, shard=item["shard"], partition=item["partition"], config=self.config, langid=self.langid
                 )
