@@ -1,0 +1,173 @@
+"""CLIP / DFN score cuts (algorithms.md section 2).
+
+Two modes: an absolute threshold, and the top fraction of the pool under the total order
+(score descending, uid ascending, NaN scores last). The fraction cut is global; for a pool
+split into partitions, :func:`top_fraction_threshold` finds the boundary element of that order
+with a few streaming passes of radix selection (a 65,536-bin histogram per pass, nothing
+concatenated), and :func:`keep_at_or_above` applies it to any partition independently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Boundary",
+    "keep_at_or_above",
+    "keep_count",
+    "threshold_keep",
+    "top_fraction_keep",
+    "top_fraction_threshold",
+]
+
+Partition = tuple[npt.ArrayLike, npt.ArrayLike]
+Partitions = Sequence[Partition] | Callable[[], Iterable[Partition]]
+
+_DIGIT_BITS = 16
+_COLLECT_CAP = 1 << 20  # gather a bin's members outright once it holds at most this many
+
+
+def threshold_keep(scores: npt.ArrayLike, t: float) -> npt.NDArray[np.bool_]:
+    """Keep ``score >= t``; a NaN score is never kept."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s >= float(t)
+
+
+def keep_count(n: int, fraction: float) -> int:
+    """floor(fraction * n), with ``fraction`` read as the decimal it prints as (0.29 is 29/100,
+    not the binary double just below it), so floor(0.29 * 100) is 29."""
+    f = float(fraction)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError("fraction must be in [0, 1]")
+    return math.floor(Fraction(repr(f)) * int(n))
+
+
+def _order_key(scores: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+    """uint64 key increasing with the score (float64 total order, -0.0 == 0.0); NaN -> 0,
+    below every real score (-inf included)."""
+    s = np.asarray(scores, dtype=np.float64) + 0.0  # folds -0.0 into +0.0
+    bits = s.view(np.uint64)
+    neg = (bits >> np.uint64(63)).astype(bool)
+    key = np.where(neg, ~bits, bits | np.uint64(1 << 63))
+    key[np.isnan(s)] = 0
+    return key
+
+
+def _uids(uids: npt.ArrayLike, n: int) -> np.ndarray:
+    u = np.asarray(uids)
+    if u.shape != (n,):
+        raise ValueError("uids must have one value per score")
+    return u if u.dtype.kind == "U" else u.astype(str)
+
+
+def _rank_order(scores: npt.ArrayLike, uids: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError("scores must be 1-D")
+    u = _uids(uids, len(s))
+    key = _order_key(s)
+    return np.lexsort((u, ~key)).astype(np.int64)  # key descending, uid ascending
+
+
+def top_fraction_keep(scores: npt.ArrayLike, uids: npt.ArrayLike, fraction: float) -> npt.NDArray[np.bool_]:
+    """Keep the first floor(fraction * N) rows of (score descending, uid ascending), NaN scores
+    ranked last (so they are kept only if the cut reaches past every real score)."""
+    order = _rank_order(scores, uids)
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[: keep_count(len(order), fraction)]] = True
+    return keep
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Last kept element of the global order: keep (score, uid) at or above it."""
+
+    score: float  # NaN when the cut reaches into the NaN scores
+    uid: str
+
+
+def keep_at_or_above(
+    scores: npt.ArrayLike, uids: npt.ArrayLike, boundary: Boundary | None
+) -> npt.NDArray[np.bool_]:
+    """Rows ranked at or before ``boundary`` in the (score desc, uid asc, NaN last) order.
+    ``None`` (an empty cut) keeps nothing. With unique uids the union over partitions is
+    exactly the global top-K."""
+    s = np.asarray(scores, dtype=np.float64)
+    u = _uids(uids, len(s))
+    if boundary is None:
+        return np.zeros(len(s), dtype=bool)
+    key = _order_key(s)
+    bkey = _order_key(np.array([boundary.score]))[0]
+    return (key > bkey) | ((key == bkey) & (u <= boundary.uid))
+
+
+def _iterate(partitions: Partitions) -> Iterable[Partition]:
+    return partitions() if callable(partitions) else partitions
+
+
+def top_fraction_threshold(partitions: Partitions, fraction: float) -> Boundary | None:
+    """Boundary of the global ``top_fraction_keep`` over many partitions.
+
+    ``partitions``: a sequence of ``(scores, uids)`` pairs, or a zero-argument callable that
+    returns a fresh iterable of them (so a stage can stream them from storage; it is read a few
+    times). Radix selection on a 64-bit order key, 16 bits per pass: each pass keeps one
+    65,536-bin histogram; once the target bin is small its members' keys and uids are gathered
+    and sorted. Typically two or three passes; memory O(65,536 + one bin).
+    """
+    total = 0
+    for s, _u in _iterate(partitions):
+        total += len(np.asarray(s))
+    k = keep_count(total, fraction)
+    if k == 0:
+        return None
+    prefix, prefix_bits = np.uint64(0), 0
+    rank = k  # 1-based rank of the boundary among elements sharing the current prefix
+    while True:
+        shift = 64 - prefix_bits - _DIGIT_BITS
+        hist = np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
+        for s, _u in _iterate(partitions):
+            key = _order_key(s)
+            sel = _match_prefix(key, prefix, prefix_bits)
+            digit = ((key[sel] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
+            hist += np.bincount(digit, minlength=1 << _DIGIT_BITS)
+        above = np.cumsum(hist[::-1])  # above[i]: elements in the top i+1 bins (descending)
+        i = int(np.searchsorted(above, rank))  # first descending bin reaching the rank
+        digit_value = (1 << _DIGIT_BITS) - 1 - i
+        rank -= int(above[i - 1]) if i > 0 else 0
+        prefix = prefix | (np.uint64(digit_value) << np.uint64(shift))
+        prefix_bits += _DIGIT_BITS
+        if hist[digit_value] <= _COLLECT_CAP or prefix_bits == 64:
+            break
+    keys: list[np.ndarray] = []
+    uids: list[np.ndarray] = []
+    for s, u in _iterate(partitions):
+        key = _order_key(s)
+        sel = _match_prefix(key, prefix, prefix_bits)
+        keys.append(key[sel])
+        uids.append(_uids(u, len(key))[sel])
+    ck = np.concatenate(keys)
+    cu = np.concatenate(uids)
+    order = np.lexsort((cu, ~ck))
+    last = order[rank - 1]
+    return Boundary(score=_key_to_score(ck[last]), uid=str(cu[last]))
+
+
+def _match_prefix(key: np.ndarray, prefix: np.uint64, bits: int) -> np.ndarray:
+    if bits == 0:
+        return np.ones(len(key), dtype=bool)
+    shift = np.uint64(64 - bits)
+    return (key >> shift) == (prefix >> shift)
+
+
+def _key_to_score(key: np.uint64) -> float:
+    k = np.uint64(key)
+    if k == 0:
+        return float("nan")
+    bits = k & np.uint64((1 << 63) - 1) if k >> np.uint64(63) else ~k
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
