@@ -61,6 +61,27 @@ class BasicFilterConfig(Section):
     max_aspect_ratio: float = Field(3.0, gt=0, description="Keep when max/min side <= this.")
 
 
+class ProvidedConfig(Section):
+    """Scores and embeddings that come with the pool (DataComp metadata), used instead of a model pass.
+
+    DataComp ships per metadata file NAME.parquet (uid, url, text, ..., clip_b32_similarity_score,
+    clip_l14_similarity_score, sha256) and NAME.npz beside it (b32_img, b32_txt, l14_img, l14_txt),
+    row-aligned. Samples are matched by uid; every embeddable sample must have a row.
+    """
+
+    metadata: str | list[str] = Field(
+        ..., description="The metadata .parquet files: a directory, glob, brace pattern or list (any fsspec URL); "
+        "each with its .npz beside it."
+    )
+    embeddings: Literal["b32", "l14"] = Field(
+        "l14", description="Which .npz pair (b32_img/b32_txt or l14_img/l14_txt) drives clustering, dedup and DBP."
+    )
+    clip_score: str = Field("clip_l14_similarity_score", description="Metadata column taken as clip_score.")
+    dfn_score: str | None = Field(
+        None, description="Metadata column taken as dfn_score (e.g. DFN scores joined into the metadata); null: none."
+    )
+
+
 class EmbedConfig(Section):
     """The embedder: its image embeddings drive clustering and dedup; its cosine is clip_score."""
 
@@ -92,16 +113,16 @@ class EmbedConfig(Section):
         None,
         gt=0,
         description="CPUs a model actor takes (on CPU also its torch threads, rounded up). null: 1 for a GPU "
-        "actor; on CPU the cluster's CPUs shared among the actors, less what the decode tasks reserve.",
+        "actor; on CPU the cluster's CPUs shared among the actors, less what the decode workers reserve.",
     )
     decode_workers: int | None = Field(
         None,
         ge=1,
-        description="Decode + preprocess tasks running at once. null: on GPU the CPUs left beside the actors; "
+        description="Decode + preprocess workers (CPU actors). null: on GPU the CPUs left beside the actors; "
         "on CPU one per 8 CPUs (at least 1).",
     )
     decode_cpus: float | None = Field(
-        None, gt=0, description="CPUs Ray reserves per decode task. null: 1 on GPU, 0.5 on CPU."
+        None, gt=0, description="CPUs Ray reserves per decode worker. null: 1 on GPU, 0.5 on CPU."
     )
     prefetch: int = Field(2, ge=1, description="Decoded batches queued per actor ahead of its forward pass.")
     jpeg_draft_factor: float | None = Field(
@@ -112,6 +133,21 @@ class EmbedConfig(Section):
         "open_clip does. 2.0 is Pillow's own reducing gap. null: always decode at full size (embeddings "
         "identical to open_clip's preprocessing of the full image).",
     )
+    provided: ProvidedConfig | None = Field(
+        None, description="Take embeddings and scores from DataComp-style metadata instead of running a model "
+        "(set instead of model)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """The stage produces embeddings, from a model or from the pool's metadata."""
+        return self.model is not None or self.provided is not None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.model is not None and self.provided is not None:
+            raise ValueError("embed.model and embed.provided: set one source of embeddings, not both")
+        return self
 
 
 class DfnConfig(Section):
@@ -129,12 +165,88 @@ class DfnConfig(Section):
     )
 
 
+class ClusterConfig(Section):
+    """Spherical k-means of image embeddings into fine clusters, inside which SemDeDup compares."""
+
+    k: int | None = Field(None, ge=1, description="Clusters; null: one per `samples_per_cluster` samples (capped at the sample count).")
+    samples_per_cluster: int = Field(1000, ge=1, description="Average cluster size when k is null (SemDeDup authors: ~N/k = 9000).")
+    niter: int = Field(20, ge=1, description="k-means iterations (SemDeDup authors: 100).")
+    seed: int = 0
+    max_train_points: int = Field(1_000_000, ge=1, description="k-means trains on a seeded sample of at most this many embeddings.")
+    centroids: str | None = Field(
+        None, description="URL of saved centroids (.npy, e.g. OUTPUT/clusters/dedup_centroids.npy of another run) to assign to instead of training."
+    )
+
+
 class DedupConfig(Section):
     exact: bool = Field(True, description="Drop samples whose image bytes (sha256) equal a kept sample's.")
+    phash: bool = Field(True, description="Drop near duplicates: 64-bit pHash within phash_radius bits.")
+    phash_radius: int = Field(4, ge=0, le=32, description="Hamming radius; components are linked transitively, the smallest uid kept.")
+    semantic: bool = Field(False, description="SemDeDup on image embeddings inside each cluster (needs embed.model).")
+    semantic_eps: float = Field(0.05, gt=0, lt=1, description="Drop b when max cos to an earlier member of its cluster > 1 - eps.")
+    block_size: int = Field(4096, ge=1, description="Rows per similarity block: memory is block_size x cluster size.")
+
+
+class ScoreFilterConfig(Section):
+    """Keep score >= threshold, or the top fraction of the whole pool (ties by uid); null: off."""
+
+    threshold: float | None = Field(None, ge=-1, le=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_mode(self):
+        if self.threshold is not None and self.fraction is not None:
+            raise ValueError("set threshold or fraction, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None or self.fraction is not None
+
+
+class DbpConfig(Section):
+    """Density-based pruning by concept-cluster complexity (algorithms.md section 6)."""
+
+    enabled: bool = False
+    target: int | float = Field(
+        0.5, gt=0, description="Samples to keep: a count (integer) or a fraction of those entering DBP (float <= 1)."
+    )
+    k: int = Field(100, ge=1, description="Concept clusters (capped at the sample count). Paper: 100 (DataComp medium) to 500.")
+    temperature: float = Field(0.5, gt=0, description="Softmax temperature over cluster complexity.")
+    n_neighbors: int = Field(20, ge=1, description="Nearest other centroids averaged for d_inter.")
+    balance_ratio: float | None = Field(None, gt=0, le=1, description="Per-cluster lower bound floor(target / k * r); null: 1.")
+    niter: int = Field(20, ge=1)
+    seed: int = 0
+    max_train_points: int = Field(1_000_000, ge=1)
+
+    @field_validator("target")
+    @classmethod
+    def _fraction_at_most_one(cls, value):
+        if isinstance(value, float) and value > 1:
+            raise ValueError("a fractional target must be <= 1; give a count as an integer")
+        return value
+
+
+class SelectConfig(Section):
+    subset: str | None = Field(
+        None, description="A DataComp subset file (.npy of dtype u8,u8 uid halves): keep only these uids (not_in_subset), before the score filters."
+    )
+    clip: ScoreFilterConfig = ScoreFilterConfig()
+    dfn: ScoreFilterConfig = ScoreFilterConfig()
+    dbp: DbpConfig = DbpConfig()
+    where: str | None = Field(
+        None, description="DuckDB SQL predicate over the samples' metadata columns; samples for which it is not true are dropped (sql_filter)."
+    )
 
 
 class WriteConfig(Section):
     shard_size: int = Field(10_000, ge=1, description="Target samples per output shard (shards are balanced).")
+    embeddings: bool = Field(
+        False,
+        description="Also write each sample's embedder image and text embeddings into the shards "
+        "({uid}.image_embedding.npy, {uid}.text_embedding.npy, float16) for distillation (needs embed.model).",
+    )
+    subset_file: bool = Field(True, description="Write the kept uids as a DataComp subset file (OUTPUT/datacomp_subset.npy).")
     read_block_bytes: int = Field(
         8 * 2**20, ge=2**16, description="Read-ahead block for range reads of source shards."
     )
@@ -147,12 +259,20 @@ class CurateConfig(Section):
         "(pool/{00000000..00000099}.tar), or a list of these; any fsspec URL.",
     )
     output: str = Field(..., description="The run's output URL (local path, s3://, gs://, ...).")
+    reference: str | None = Field(
+        None,
+        description="An earlier run's output to top up (a scheduled incremental run): only shards it (and the runs "
+        "it referenced) never saw are processed, new samples are deduplicated against everything those runs kept, "
+        "and DBP adds to their clusters with their centroids.",
+    )
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
     basic_filter: BasicFilterConfig = BasicFilterConfig()
     embed: EmbedConfig = EmbedConfig()
     dfn: DfnConfig = DfnConfig()
+    cluster: ClusterConfig = ClusterConfig()
     dedup: DedupConfig = DedupConfig()
+    select: SelectConfig = SelectConfig()
     write: WriteConfig = WriteConfig()
 
     @field_validator("input")
@@ -163,10 +283,33 @@ class CurateConfig(Section):
         return value
 
     @model_validator(mode="after")
+    def _steps_have_their_inputs(self):
+        if not self.embed.enabled:
+            needs = [name for name, on in [
+                ("dedup.semantic", self.dedup.semantic),
+                ("select.clip", self.select.clip.enabled),
+                ("select.dbp", self.select.dbp.enabled),
+            ] if on]
+            if needs:
+                raise ValueError(f"{', '.join(needs)}: requires image embeddings, set embed.model or embed.provided")
+        if self.write.embeddings and not self.embed.enabled:
+            raise ValueError("write.embeddings: requires image embeddings, set embed.model or embed.provided")
+        provided = self.embed.provided
+        if provided is not None and self.dfn.model is not None:
+            raise ValueError("dfn.model with embed.provided: the DFN scorer runs inside a model pass; "
+                             "give its scores as embed.provided.dfn_score instead")
+        has_dfn = self.dfn.model is not None or (provided is not None and provided.dfn_score is not None)
+        if self.select.dfn.enabled and not has_dfn:
+            raise ValueError("select.dfn needs a DFN scorer: set dfn.model (or embed.provided.dfn_score)")
+        return self
+
+    @model_validator(mode="after")
     def _output_not_input(self):
         inputs = [self.input] if isinstance(self.input, str) else self.input
         if any(str(self.output).rstrip("/") == str(i).rstrip("/") for i in inputs):
             raise ValueError("output must differ from input")
+        if self.reference is not None and self.reference.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError("reference must be an earlier run, not this run's output")
         return self
 
 

@@ -35,7 +35,16 @@ DROP_REASONS: tuple[DropReason, ...] = (
     # deduplication
     DropReason("duplicate_uid", "dedup", "another sample earlier in the pool has the same uid"),
     DropReason("exact_duplicate", "dedup", "image bytes identical to the kept sample in duplicate_of"),
+    DropReason("near_duplicate", "dedup", "pHash within dedup.phash_radius of duplicate_of (transitively)"),
+    DropReason("semantic_duplicate", "dedup", "SemDeDup: image embedding within dedup.semantic_eps of an earlier member of its cluster"),
+    # selection
+    DropReason("not_in_subset", "select", "uid not in the select.subset file"),
+    DropReason("clip_score", "select", "CLIP score below the select.clip cut"),
+    DropReason("dfn_score", "select", "DFN score below the select.dfn cut"),
+    DropReason("dbp_pruned", "select", "beyond its concept cluster's DBP quota"),
+    DropReason("sql_filter", "select", "select.where is not true for the sample"),
 )
+DEDUP_REASONS: frozenset[str] = frozenset(r.name for r in DROP_REASONS if r.step == "dedup")
 
 REASON_NAMES: tuple[str, ...] = tuple(r.name for r in DROP_REASONS)
 INGEST_REASONS: frozenset[str] = frozenset(r.name for r in DROP_REASONS if r.step == "ingest")

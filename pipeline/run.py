@@ -86,6 +86,7 @@ class RunContext:
     record: StageRecord = field(default=None)  # the running stage's record
     stage_name: str = ""
     started: float = 0.0
+    reference: object = None  # pipeline.io.reference.Reference of an incremental run
     _done_now: int = 0  # partitions finished in this run (not an earlier, interrupted one)
     _samples_now: int = 0
 
@@ -115,10 +116,12 @@ def fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def discover_partitions(config: CurateConfig) -> list[Partition]:
+def discover_partitions(config: CurateConfig, seen: set[str] = frozenset()) -> list[Partition]:
+    """The input shards not in `seen` (those an incremental run's reference chain processed)."""
     urls = fs.resolve_shards(config.input)
-    names = fs.shard_names(urls)
-    return [Partition(i, url, name) for i, (url, name) in enumerate(zip(urls, names))]
+    names = dict(zip(urls, fs.shard_names(urls)))
+    fresh = [url for url in urls if url not in seen]
+    return [Partition(i, url, names[url]) for i, url in enumerate(fresh)]
 
 
 def input_signature(partitions: list[Partition]) -> list[dict]:

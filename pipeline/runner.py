@@ -18,11 +18,12 @@ from pipeline.config import CurateConfig
 from pipeline.io import fs
 from pipeline.io.catalog import connect as connect_catalog
 from pipeline.io.manifest import Manifest, StageRecord, package_versions
+from pipeline.io.reference import Reference
 from pipeline.io.parquet import read_table
 from pipeline.ray_adapter import connect as connect_ray
 from pipeline.reasons import REASON_NAMES
 from pipeline.run import RunContext, RunPaths, discover_partitions, fingerprint, input_signature
-from pipeline.stages import dedup, ingest, metadata, write
+from pipeline.stages import dedup, ingest, metadata, report, select, write
 
 log = logging.getLogger("curate")
 
@@ -56,14 +57,27 @@ def plan(config: CurateConfig) -> list[Step]:
     """The stages this config runs, in order."""
     steps = [Step(ingest, ())]
     extras: list[str] = []
-    if config.embed.model is not None:
+    dedup_inputs: tuple[str, ...] = ("ingest",)
+    if config.embed.enabled:
         from pipeline.stages import embed
 
         steps.append(Step(embed, ("ingest",)))
         extras.append("embed")
-    steps.append(Step(dedup, ("ingest",)))
-    steps.append(Step(metadata, ("dedup", *extras), {"verdict_stage": "dedup", "extra_stages": extras}))
+    if config.dedup.semantic:
+        from pipeline.stages import cluster
+
+        steps.append(Step(cluster, ("ingest", "embed")))
+        extras.append("cluster")
+        dedup_inputs = ("ingest", "embed", "cluster")
+    steps.append(Step(dedup, dedup_inputs))
+    verdict = "dedup"
+    rules = config.select
+    if rules.subset or rules.clip.enabled or rules.dfn.enabled or rules.dbp.enabled or rules.where:
+        steps.append(Step(select, ("dedup", *extras), {"extra_stages": extras}))
+        verdict = "select"
+    steps.append(Step(metadata, (verdict, *extras), {"verdict_stage": verdict, "extra_stages": extras}))
     steps.append(Step(write, ("metadata",)))
+    steps.append(Step(report, ("metadata", "write")))
     return steps
 
 
@@ -79,17 +93,29 @@ def run_pipeline(config: CurateConfig) -> RunSummary:
 
 
 def _run(config: CurateConfig) -> RunSummary:
+    if config.select.where:
+        select.check_where(config.select.where)
+    if config.embed.model is not None or config.dfn.model is not None:
+        from pipeline.models import preflight
+
+        preflight(config)  # weights missing: fail before any stage runs
     paths = RunPaths(config.output)
-    partitions = discover_partitions(config)
-    log.info("input: %d shards from %s; output: %s", len(partitions), config.input, paths.root)
+    reference = Reference.load(config.reference) if config.reference else None
+    seen = reference.seen_shards() if reference else set()
+    partitions = discover_partitions(config, seen)
+    log.info("input: %d shards from %s%s; output: %s", len(partitions), config.input,
+             f" ({len(seen)} already processed by {config.reference})" if reference else "", paths.root)
     manifest = Manifest.load(paths.manifest)
     manifest.data.update(
         curate_version=__version__,
         config=config.model_dump(mode="json"),
         packages=package_versions(),
         input={"shards": [{"partition": p.index, "url": p.url, "name": p.name} for p in partitions]},
+        reference=config.reference,
     )
     manifest.data.setdefault("stages", {})
+    if not partitions:
+        return _nothing_new(paths, manifest)
     signature = input_signature(partitions)
     fingerprints: dict[str, str] = {}
     for step in plan(config):
@@ -100,6 +126,8 @@ def _run(config: CurateConfig) -> RunSummary:
         }
         if step.name == "ingest":
             payload["input"] = signature
+        if reference is not None:
+            payload["reference"] = [(url, m["counts"]) for url, m in reference.runs]
         fingerprints[step.name] = fp = fingerprint(payload)
         record = manifest.stage(step.name)
         if record is not None and record.complete and record.fingerprint == fp:
@@ -115,7 +143,7 @@ def _run(config: CurateConfig) -> RunSummary:
             log.info("%s: resuming, %d partitions already done", step.name, len(record.partitions_done))
         record.skipped = False
         record.counts.setdefault("partitions_total", len(partitions))
-        ctx = RunContext(config, paths, partitions, manifest, record, step.name, time.perf_counter())
+        ctx = RunContext(config, paths, partitions, manifest, record, step.name, time.perf_counter(), reference)
         manifest.set_stage(step.name, record)
         step.module.run(ctx, **step.kwargs)
         record.seconds += time.perf_counter() - ctx.started
@@ -126,6 +154,16 @@ def _run(config: CurateConfig) -> RunSummary:
     manifest.data["counts"] = {"input": summary.samples, "kept": summary.kept, "dropped": summary.dropped}
     manifest.save()
     return summary
+
+
+def _nothing_new(paths: RunPaths, manifest: Manifest) -> RunSummary:
+    """An incremental run whose reference chain already saw every shard: an empty, valid run."""
+    log.info("no new shards since %s: nothing to do", manifest.data["reference"])
+    fs.write_bytes_atomic(paths.url("shards", "sizes.json"), b"{}\n")
+    manifest.data["stages"] = {}
+    manifest.data["counts"] = {"input": 0, "kept": 0, "dropped": {}}
+    manifest.save()
+    return RunSummary(paths.root, 0, 0, {}, {}, 0)
 
 
 def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:

@@ -35,7 +35,11 @@ _DECISION = [
     Column("kept", pa.bool_(), "select", "true when the sample is in the output shards"),
     Column("drop_reason", pa.string(), "all", "first step that dropped the sample (pipeline.reasons); null when kept"),
     Column("drop_detail", pa.string(), "all", "human-readable detail naming the member or the rule"),
-    Column("duplicate_of", pa.string(), "dedup", "uid of the kept sample this one duplicates (dedup drops only)"),
+    Column("duplicate_of", pa.string(), "dedup", "uid of the sample this one duplicates (dedup drops only); following duplicate_of always ends at a sample that survived dedup"),
+    Column("phash_distance", pa.int32(), "dedup", "near_duplicate: pHash Hamming distance to duplicate_of"),
+    Column("duplicate_similarity", pa.float32(), "dedup", "semantic_duplicate: cosine of the image embeddings with duplicate_of"),
+    Column("dbp_cluster", pa.int32(), "select", "DBP concept cluster (samples that reached DBP)"),
+    Column("dbp_dist_to_centroid", pa.float32(), "select", "1 - cos(image embedding, its DBP centroid)"),
 ]
 
 _SCORES = [
@@ -76,10 +80,10 @@ METADATA_COLUMNS: list[Column] = _IDENTITY + _DECISION + _SCORES + _INGEST
 INGEST_SCHEMA = pa.schema([c.field() for c in INGEST_COLUMNS])
 METADATA_SCHEMA = pa.schema([c.field() for c in METADATA_COLUMNS])
 
-# What a decision step writes per partition: the cumulative verdict for every row, in row order.
-DECISION_SCHEMA = pa.schema(
-    [c.field() for c in _IDENTITY[:1]] + [c.field() for c in _DECISION[1:]]
-)
+# What a decision stage writes per partition: the cumulative verdict for every row, in row order.
+DECISION_SCHEMA = pa.schema([c.field() for c in _IDENTITY[:1]] + [c.field() for c in _DECISION[1:]])
+# Numeric verdict columns beyond reason/detail/duplicate_of (null where they do not apply).
+DECISION_VALUES = {c.name: c.type for c in _DECISION[4:]}
 
 
 def metadata_schema_document() -> dict:

@@ -21,13 +21,13 @@ def test_query_prints_a_table(run_dir, capsys):
     assert "total" in printed and "600" in printed
 
 
-def test_query_csv_joins_duplicates_to_the_kept_sample(run_dir, capsys):
-    sql = ("select d.uid, k.kept from samples d join samples k on d.duplicate_of = k.uid "
+def test_query_csv_joins_duplicates_to_the_sample_they_point_at(run_dir, capsys):
+    sql = ("select d.uid, k.sha256 = d.sha256 as same_bytes from samples d join samples k on d.duplicate_of = k.uid "
            "where d.drop_reason = 'exact_duplicate'")
     assert main(["query", str(run_dir), sql, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "uid,kept" and len(lines) > 1
-    assert all(line.endswith(",true") for line in lines[1:])  # every duplicate points at a kept sample
+    assert lines[0] == "uid,same_bytes" and len(lines) > 1
+    assert all(line.endswith(",true") for line in lines[1:])  # every exact duplicate has its target's bytes
 
 
 def test_bad_sql_is_an_error_not_a_traceback(run_dir, capsys):

@@ -31,7 +31,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, run_url: str) -> list[str]:
     sources = _view_sources(run_url)
     for view, glob in sources.items():
         source = glob if fs.has_protocol(glob) else os.path.abspath(glob)
-        con.execute(f"create view {view} as select * from read_parquet('{source}')")
+        con.execute(f"create view {view} as select * from read_parquet('{source}', union_by_name = true)")
     return sorted(sources)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import uuid
 from typing import Iterator
@@ -34,6 +35,14 @@ def join(url: str, *parts: str) -> str:
 
 def resolve_shards(spec: str | list[str]) -> list[str]:
     """Expand a pool spec (directory, glob, brace pattern, or a list of them) into sorted .tar URLs."""
+    found = resolve_files(spec, ".tar", what="input")
+    if not found:
+        raise FileNotFoundError(f"input {spec!r} matches no .tar shards")
+    return found
+
+
+def resolve_files(spec: str | list[str], suffix: str, what: str = "path") -> list[str]:
+    """Sorted URLs of the `suffix` files a directory, glob, brace pattern or list of them names."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     found: set[str] = set()
     for pattern in patterns:
@@ -42,15 +51,14 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
             if _GLOB_CHARS & set(path):
                 matches = fs.glob(path)
             elif fs.isdir(path):
-                matches = fs.glob(posixpath.join(path.rstrip("/"), "*.tar"))
+                matches = fs.glob(posixpath.join(path.rstrip("/"), f"*{suffix}"))
             elif fs.exists(path):
                 matches = [path]
             else:
-                raise FileNotFoundError(f"input {expanded!r} does not exist")
-            found.update(_with_protocol_like(expanded, fs, m) for m in matches if m.endswith(".tar"))
-    if not found:
-        raise FileNotFoundError(f"input {spec!r} matches no .tar shards")
-    return sorted(found)
+                raise FileNotFoundError(f"{what} {expanded!r} does not exist")
+            found.update(_with_protocol_like(expanded, fs, m) for m in matches if m.endswith(suffix))
+    # local paths are made absolute so the manifest's URLs work from any directory
+    return sorted(u if has_protocol(u) else os.path.abspath(u) for u in found)
 
 
 def shard_names(urls: list[str]) -> list[str]:

@@ -1,19 +1,17 @@
 """Assemble the user-facing metadata: one row per input sample with every field and the verdict.
 
-Per partition, the ingest fields are joined with the final verdict of the decision stages (rows
-are aligned: every stage writes a partition's rows in ingest order) and with the scores of the
-stages that ran; columns of stages that did not run are null, so the schema never changes.
+Per partition, the ingest fields are joined with the final verdict of the decision stages and
+with the scores and clusters of the stages that ran (pipeline.io.assemble).
 """
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.io.assemble import build_metadata
 from pipeline.io.catalog import write_catalog
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import map_items
-from pipeline.schema import METADATA_SCHEMA
 
 NAME = "metadata"
 
@@ -24,24 +22,6 @@ def config_fingerprint(config) -> dict:
 
 def outputs(paths) -> list[str]:
     return [paths.metadata_dir]
-
-
-def build_metadata(ingest: pa.Table, verdict: pa.Table, extras: list[pa.Table] = ()) -> pa.Table:
-    """Columns in METADATA_SCHEMA order; `verdict` and `extras` are row-aligned with `ingest`."""
-    for other in (verdict, *extras):
-        if other.num_rows != ingest.num_rows or not other.column("uid").equals(ingest.column("uid")):
-            raise ValueError("stage outputs are not aligned with the ingest rows of this partition")
-    sources = {name: ingest.column(name) for name in ingest.column_names}
-    for extra in extras:
-        sources.update({name: extra.column(name) for name in extra.column_names if name != "uid"})
-    for name in ("drop_reason", "drop_detail", "duplicate_of"):
-        sources[name] = verdict.column(name)
-    sources["kept"] = pc.is_null(verdict.column("drop_reason"))
-    columns = []
-    for field in METADATA_SCHEMA:
-        column = sources.get(field.name)
-        columns.append(pa.nulls(ingest.num_rows, field.type) if column is None else column.cast(field.type))
-    return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
 
 
 def finalize_partition(item: dict) -> dict:
@@ -68,7 +48,7 @@ def run(ctx, verdict_stage: str, extra_stages: list[str]) -> None:
     ]
     for result in map_items(finalize_partition, items, num_cpus=0.5):
         ctx.partition_done(result["partition"], {"samples": result["samples"], "kept": result["kept"]})
-    stats = ctx.record.counts["partitions"].values()
+    stats = ctx.record.counts.get("partitions", {}).values()
     ctx.record.samples_in = sum(s["samples"] for s in stats)
     ctx.record.samples_out = sum(s["kept"] for s in stats)
     write_catalog(ctx.paths.root, ctx.paths.catalog)
