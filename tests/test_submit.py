@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,14 +41,24 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def submit(address: str, env: dict, args: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still registering (it refuses, job not created)."""
+    deadline = time.monotonic() + 120
+    while True:
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", *args],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )
+        if "No available agent to submit job" not in job.stdout + job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(3)
+
+
 def test_ray_job_submit_runs_the_job_file_on_the_cluster(ray_cluster, synth_pool, tmp_path):
     address, env = ray_cluster
     out = tmp_path / "submitted"
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "pipeline/curate.py", "--config", "jobs/quickstart.yaml", f"input={synth_pool}", f"output={out}"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
+    job = submit(address, env, ["python", "pipeline/curate.py", "--config", "jobs/quickstart.yaml",
+                                f"input={synth_pool}", f"output={out}"])
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-3000:]
     assert "succeeded" in log
