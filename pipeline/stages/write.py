@@ -9,13 +9,18 @@ sha256, writes a tar with fixed headers, re-lists it, and returns what it really
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import tarfile
 import tempfile
 
+import numpy as np
+
 from pipeline.io import fs
+from pipeline.io.datacomp import write_subset
+from pipeline.io.embeddings import vectors
 from pipeline.io.parquet import read_table
 from pipeline.io.shards import fetch_members
 from pipeline.io.tar import TarWriter
@@ -37,7 +42,7 @@ def config_fingerprint(config) -> dict:
 
 
 def outputs(paths) -> list[str]:
-    return [paths.shards_dir]
+    return [paths.shards_dir, paths.url("datacomp_subset.npy")]
 
 
 def uid_digest(uids) -> int:
@@ -75,8 +80,35 @@ def plan_shards(metadata_urls: list[str], partition_urls: dict[int, str], shard_
     return plan
 
 
-def write_shard(spec: dict, out_url: str, read_block_bytes: int) -> tuple[int, int]:
+def _npy(vector: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(vector, dtype=np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def teacher_embeddings(spec: dict, embedding_urls: dict[int, str]) -> dict[str, tuple[bytes, bytes | None]]:
+    """uid -> (.npy of the image embedding, .npy of the text embedding or None)."""
+    wanted: dict[int, list[dict]] = {}
+    for sample in spec["samples"]:
+        wanted.setdefault(sample["partition"], []).append(sample)
+    members = {}
+    for partition, samples in wanted.items():
+        table = read_table(embedding_urls[partition], ["image_embedding", "text_embedding"])
+        image_present, images = vectors(table.column("image_embedding"))
+        text_present, texts = vectors(table.column("text_embedding"))
+        image_at, text_at = np.cumsum(image_present) - 1, np.cumsum(text_present) - 1
+        for sample in samples:
+            row = sample["row"]
+            if not image_present[row]:
+                raise WriteError(f"sample {sample['uid']} has no image embedding to write")
+            text = _npy(texts[text_at[row]]) if text_present[row] else None
+            members[sample["uid"]] = (_npy(images[image_at[row]]), text)
+    return members
+
+
+def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls: dict[int, str] | None = None) -> tuple[int, int]:
     """Write one output shard; returns (samples written, uid digest) as read back from the tar."""
+    teacher = teacher_embeddings(spec, embedding_urls) if embedding_urls else {}
     by_source: dict[str, list[dict]] = {}
     for sample in spec["samples"]:
         by_source.setdefault(sample["source"], []).append(sample)
@@ -96,6 +128,11 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int) -> tuple[int, i
                     writer.add(f"{sample['uid']}.txt", members["text"])
                     if members["json"] is not None:
                         writer.add(f"{sample['uid']}.json", members["json"])
+                    if sample["uid"] in teacher:
+                        image_npy, text_npy = teacher[sample["uid"]]
+                        writer.add(f"{sample['uid']}.image_embedding.npy", image_npy)
+                        if text_npy is not None:
+                            writer.add(f"{sample['uid']}.text_embedding.npy", text_npy)
         with tarfile.open(tmp_path, "r:") as check:
             written = {m.name.split(".", 1)[0] for m in check.getmembers()}
         expected = [s["uid"] for s in spec["samples"]]
@@ -113,7 +150,8 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int) -> tuple[int, i
 
 def write_shard_item(item: dict) -> dict:
     spec = json.loads(item["spec"])  # nested plans travel as JSON, not as Arrow structs
-    count, digest = write_shard(spec, item["out"], item["read_block_bytes"])
+    embedding_urls = {int(k): v for k, v in json.loads(item["embeddings"]).items()}
+    count, digest = write_shard(spec, item["out"], item["read_block_bytes"], embedding_urls)
     return {"partition": spec["shard"], "count": count, "digest": str(digest)}
 
 
@@ -123,14 +161,16 @@ def run(ctx) -> None:
     plan = plan_shards(metadata_urls, partition_urls, ctx.config.write.shard_size)
     ctx.record.counts["partitions_total"] = len(plan)
     todo = set(ctx.todo([spec["shard"] for spec in plan]))
+    embedding_urls = {p.index: ctx.paths.stage_part("embed", p.index) for p in ctx.partitions} if ctx.config.write.embeddings else {}
     items = [
-        {"spec": json.dumps(spec), "out": ctx.paths.shard(spec["shard"]), "read_block_bytes": ctx.config.write.read_block_bytes}
+        {"spec": json.dumps(spec), "out": ctx.paths.shard(spec["shard"]), "embeddings": json.dumps(embedding_urls),
+         "read_block_bytes": ctx.config.write.read_block_bytes}
         for spec in plan
         if spec["shard"] in todo
     ]
     for result in map_items(write_shard_item, items, num_cpus=1):
         ctx.partition_done(result["partition"], {"count": result["count"], "digest": result["digest"]})
-    stats = ctx.record.counts["partitions"]
+    stats = ctx.record.counts.get("partitions", {})
     sizes = {os.path.basename(ctx.paths.shard(spec["shard"])): stats[str(spec["shard"])]["count"] for spec in plan}
     fs.write_bytes_atomic(ctx.paths.url("shards", "sizes.json"), (json.dumps(sizes, indent=1) + "\n").encode())
     ctx.record.samples_in = sum(len(spec["samples"]) for spec in plan)
@@ -138,6 +178,9 @@ def run(ctx) -> None:
     ctx.record.counts["shards"] = len(plan)
     ctx.record.counts["digest"] = str(sum(int(stats[str(s["shard"])]["digest"]) for s in plan) % (1 << 128))
     _remove_stale_shards(ctx, len(plan))
+    if ctx.config.write.subset_file:
+        kept_uids = [sample["uid"] for spec in plan for sample in spec["samples"]]
+        write_subset(ctx.paths.url("datacomp_subset.npy"), kept_uids)
 
 
 def _remove_stale_shards(ctx, count: int) -> None:

@@ -1,0 +1,147 @@
+"""DataComp's subset files: the selected uids as a sorted NumPy array of dtype("u8,u8").
+
+DataComp's resharder reads this format (each 128-bit hex uid split into two 64-bit halves,
+sorted so membership is a binary search); a run writes its kept set in it and accepts one as a
+selection.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from pipeline.io import fs
+
+SUBSET_DTYPE = np.dtype("u8,u8")
+
+
+def uids_to_subset(uids) -> np.ndarray:
+    pairs = [(int(u[:16], 16), int(u[16:32], 16)) for u in uids]
+    array = np.array(pairs, dtype=SUBSET_DTYPE) if pairs else np.empty(0, dtype=SUBSET_DTYPE)
+    return np.sort(array)
+
+
+def subset_to_uids(array: np.ndarray) -> list[str]:
+    return [f"{int(high):016x}{int(low):016x}" for high, low in array.tolist()]
+
+
+def write_subset(url: str, uids) -> int:
+    array = uids_to_subset(uids)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    fs.write_bytes_atomic(url, buffer.getvalue())
+    return len(array)
+
+
+def read_subset(url: str) -> set[str]:
+    try:
+        array = np.load(io.BytesIO(fs.read_bytes(url)), allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"subset file {url} not found") from exc
+    if array.dtype != SUBSET_DTYPE and array.dtype.names != SUBSET_DTYPE.names:
+        raise ValueError(f"subset file {url}: dtype {array.dtype}, expected DataComp's {SUBSET_DTYPE}")
+    return set(subset_to_uids(array.astype(SUBSET_DTYPE)))
+
+
+# -- DataComp metadata: scores and embeddings that come with the pool ---------------------------
+#
+# DataComp ships, per metadata file, `NAME.parquet` (uid, url, text, original_width, ...,
+# clip_b32_similarity_score, clip_l14_similarity_score, sha256) and `NAME.npz` beside it with the
+# OpenAI CLIP embeddings `b32_img, b32_txt, l14_img, l14_txt`, row-aligned with the Parquet.
+
+EMBEDDING_ARRAYS = {"b32": ("b32_img", "b32_txt"), "l14": ("l14_img", "l14_txt")}
+
+
+def uid_pairs(uids, where: str) -> np.ndarray:
+    """The uids as SUBSET_DTYPE pairs; a uid that is not 32 hex digits is named in the error."""
+    pairs = np.empty(len(uids), dtype=SUBSET_DTYPE)
+    for i, uid in enumerate(uids):
+        try:
+            if len(uid) != 32:
+                raise ValueError
+            pairs[i] = (int(uid[:16], 16), int(uid[16:], 16))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: uid {uid!r} is not a DataComp uid (32 hex digits)") from None
+    return pairs
+
+
+def npz_url(parquet_url: str) -> str:
+    return parquet_url[: -len(".parquet")] + ".npz"
+
+
+def npz_shape(url: str, array: str) -> tuple[int, ...]:
+    """The shape of one array in an .npz, read from its header without loading the data."""
+    import zipfile
+
+    with fs.open_input(url) as handle, zipfile.ZipFile(handle) as archive:
+        try:
+            member = archive.open(f"{array}.npy")
+        except KeyError:
+            raise ValueError(f"{url} has no array {array!r} (has {sorted(n[:-4] for n in archive.namelist())})") from None
+        with member:
+            major, _ = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(member)
+    return shape
+
+
+class MetadataIndex:
+    """Where each uid lies in a set of DataComp metadata files: sorted uid pairs -> (file, row)."""
+
+    def __init__(self, files: list[str], keys: np.ndarray, file_of: np.ndarray, row_of: np.ndarray):
+        self.files, self.keys, self.file_of, self.row_of = files, keys, file_of, row_of
+
+    @classmethod
+    def build(cls, files: list[str]) -> "MetadataIndex":
+        import pyarrow.parquet as pq
+
+        keys, file_of, row_of = [], [], []
+        for number, url in enumerate(files):
+            with fs.open_input(url) as handle:
+                uids = pq.read_table(handle, columns=["uid"]).column("uid").to_pylist()
+            keys.append(uid_pairs(uids, url))
+            file_of.append(np.full(len(uids), number, dtype=np.int32))
+            row_of.append(np.arange(len(uids), dtype=np.int64))
+        keys_all = np.concatenate(keys) if keys else np.empty(0, SUBSET_DTYPE)
+        order = np.argsort(keys_all, kind="stable")
+        keys_all = keys_all[order]
+        repeated = np.flatnonzero(keys_all[1:] == keys_all[:-1])
+        if len(repeated):
+            uid = subset_to_uids(keys_all[repeated[:1]])[0]
+            raise ValueError(f"DataComp metadata: uid {uid} appears in more than one row of {len(files)} file(s)")
+        return cls(files, keys_all, np.concatenate(file_of)[order] if keys else np.empty(0, np.int32),
+                   np.concatenate(row_of)[order] if keys else np.empty(0, np.int64))
+
+    def locate(self, uids, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(file number, row) per uid; -1 where the metadata has no row for it."""
+        pairs = uid_pairs(uids, where)
+        pos = np.searchsorted(self.keys, pairs)
+        inside = pos < len(self.keys)
+        found = np.zeros(len(pairs), bool)
+        found[inside] = self.keys[pos[inside]] == pairs[inside]
+        file_of = np.where(found, self.file_of[np.minimum(pos, len(self.keys) - 1)] if len(self.keys) else -1, -1)
+        row_of = np.where(found, self.row_of[np.minimum(pos, len(self.keys) - 1)] if len(self.keys) else -1, -1)
+        return file_of.astype(np.int32), row_of.astype(np.int64)
+
+
+def read_metadata_rows(parquet_url: str, rows: np.ndarray, columns: list[str], arrays: list[str]) -> dict:
+    """Columns of the Parquet and arrays of the .npz beside it, at `rows`."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input(parquet_url) as handle:
+        table = pq.read_table(handle, columns=columns)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{parquet_url} has no column {missing[0]!r}")
+    out = {c: table.column(c).take(rows).to_numpy(zero_copy_only=False) for c in columns}
+    url = npz_url(parquet_url)
+    with fs.open_input(url) as handle, np.load(handle, allow_pickle=False) as npz:
+        for name in arrays:
+            if name not in npz.files:
+                raise ValueError(f"{url} has no array {name!r} (has {sorted(npz.files)})")
+            values = npz[name]
+            if len(values) != table.num_rows:
+                raise ValueError(f"{url}: {name} has {len(values)} rows, {parquet_url} has {table.num_rows}")
+            out[name] = values[rows]
+    return out
