@@ -245,6 +245,9 @@ def _sample_row(sample: _Sample, shard: str, partition: int, image_exts: list[st
         reason, detail = "missing_caption", f"sample {sample.key!r} has no .txt member"
     elif caption_problem is not None:
         reason, detail = caption_problem
+    elif not caption.strip():
+        # img2dataset writes an empty .txt for a sample without a caption: nothing to train on
+        reason, detail = "missing_caption", f"member {sample.text.name!r} is empty"
     row["drop_reason"], row["drop_detail"] = reason, detail
     return row
 
@@ -287,6 +290,52 @@ def _basic_detail(rule: str, columns: dict, width, height, i: int, rules) -> str
     return f"image is {width}x{height}, aspect above {rules.max_aspect_ratio}"
 
 
+def account_listed_samples(table: pa.Table, listing: pa.Table, *, shard: str, partition: int,
+                           listing_name: str, shard_error: str | None) -> pa.Table:
+    """Rows for samples img2dataset's per-shard Parquet lists but the tar does not hold.
+
+    Failed downloads (status != "success") have no members by design: `download_failed`. A sample
+    listed as downloaded but absent is `truncated` when the tar is cut short, else `missing_image`.
+    Either way it is in the metadata instead of silently missing.
+    """
+    present = set(table.column("key").to_pylist())
+    columns = set(listing.column_names)
+    if "key" not in columns:
+        return table
+    get = lambda name: listing.column(name).to_pylist() if name in columns else [None] * listing.num_rows
+    rows = []
+    for key, status, error, url, caption, uid in zip(
+        get("key"), get("status"), get("error_message"), get("url"), get("caption"), get("uid")
+    ):
+        if key is None or key in present:
+            continue
+        key = str(key)
+        present.add(key)
+        caption_raw = caption.encode() if isinstance(caption, str) else None
+        meta = {"uid": uid} if isinstance(uid, str) else {}
+        row_uid, source = _derive_uid(meta, url if isinstance(url, str) else None, caption_raw, shard, key)
+        if status not in (None, "success"):
+            reason, detail = "download_failed", f"{listing_name}: {status}: {error or 'no message'}"
+        elif shard_error:
+            reason, detail = "truncated", f"{listing_name} lists {key!r} as downloaded; the tar ends before it ({shard_error})"
+        else:
+            reason, detail = "missing_image", f"{listing_name} lists {key!r} as downloaded but the tar has no member for it"
+        rows.append({
+            "uid": row_uid, "uid_source": source, "shard": shard, "key": key, "partition": partition,
+            "row": table.num_rows + len(rows), "url": url if isinstance(url, str) else None,
+            "caption": caption if isinstance(caption, str) else None,
+            "drop_reason": reason, "drop_detail": detail,
+        })
+    if not rows:
+        return table
+    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)])
+
+
+def listing_url(shard_url: str) -> str:
+    """img2dataset writes `00000.parquet` beside `00000.tar`."""
+    return shard_url[: -len(".tar")] + ".parquet"
+
+
 class IngestWorker:
     """Ray adapter: one actor loads the language model once, then ingests shard after shard."""
 
@@ -305,6 +354,18 @@ class IngestWorker:
                 )
         except Exception as exc:
             raise RuntimeError(f"ingest of shard {item['url']} failed: {type(exc).__name__}: {exc}") from exc
+        listing = listing_url(item["url"])
+        if fs.exists(listing):
+            from pipeline.io.parquet import read_table
+
+            before = table.num_rows
+            table = account_listed_samples(
+                table, read_table(listing), shard=item["shard"], partition=item["partition"],
+                listing_name=listing.rsplit("/", 1)[-1], shard_error=report.shard_error,
+            )
+            for reason in table.column("drop_reason").to_pylist()[before:]:
+                report.reasons[reason] += 1
+            report.samples = table.num_rows
         write_table_atomic(table, item["out"])
         return {
             "partition": item["partition"],
@@ -350,7 +411,7 @@ def run(ctx) -> None:
         if stats["shard_error"]:
             log.warning("%s", stats["shard_error"])
         ctx.partition_done(result["partition"], stats)
-    stats = ctx.record.counts["partitions"].values()
+    stats = ctx.record.counts.get("partitions", {}).values()
     reasons: Counter = Counter()
     for s in stats:
         reasons.update(s["reasons"])

@@ -69,6 +69,7 @@ def test_members_need_not_be_adjacent(langid):
         ([("s.jpg", jpeg_bytes()[:400]), ("s.txt", CAPTION)], "corrupt_image", "s.jpg"),
         ([("s.jpg", b"GIF89a this is not an image at all"), ("s.txt", CAPTION)], "corrupt_image", "s.jpg"),
         ([("s.jpg", jpeg_bytes())], "missing_caption", "s"),
+        ([("s.jpg", jpeg_bytes()), ("s.txt", b" \n")], "missing_caption", "'s.txt' is empty"),
         ([("s.txt", CAPTION), ("s.json", b"{}")], "missing_image", "s"),
         ([("s.jpg", jpeg_bytes()), ("s.txt", b"caf\xe9 \xff\xfe latin-1 text")], "undecodable_caption", "s.txt"),
         ([("s.png", png_header_only(30000, 30000)), ("s.txt", CAPTION)], "image_too_large", "900000000 pixels"),
@@ -153,3 +154,32 @@ def test_tar_writer_output_ingests(langid):
         writer.add("x.txt", CAPTION)
     rows, _ = ingest(buffer.getvalue(), langid)
     assert rows["x"]["drop_reason"] is None
+
+
+def test_listed_samples_missing_from_the_tar_are_accounted_for(langid):
+    import pyarrow as pa
+
+    from pipeline.stages.ingest import account_listed_samples
+
+    config = CurateConfig.model_validate({"input": "pool", "output": "out"})
+    table, _ = ingest_shard(io.BytesIO(make_tar([("k1.jpg", jpeg_bytes()), ("k1.txt", CAPTION)])),
+                            shard="00000.tar", partition=0, config=config, langid=langid)
+    listing = pa.table({
+        "key": ["k1", "k2", "k3", "k4"],
+        "status": ["success", "failed_to_download", "failed_to_resize", "success"],
+        "error_message": [None, "HTTP Error 404: Not Found", "image too small", None],
+        "url": ["http://x/1", "http://x/2", "http://x/3", "http://x/4"],
+        "caption": ["one", "two", "three", "four"],
+    })
+    out = account_listed_samples(table, listing, shard="00000.tar", partition=0,
+                                 listing_name="00000.parquet", shard_error=None).to_pylist()
+    by_key = {r["key"]: r for r in out}
+    assert len(out) == 4 and by_key["k1"]["drop_reason"] is None
+    assert by_key["k2"]["drop_reason"] == "download_failed" and "404" in by_key["k2"]["drop_detail"]
+    assert by_key["k3"]["drop_reason"] == "download_failed" and "failed_to_resize" in by_key["k3"]["drop_detail"]
+    assert by_key["k4"]["drop_reason"] == "missing_image"
+    assert [r["row"] for r in out] == [0, 1, 2, 3]
+    assert len({r["uid"] for r in out}) == 4
+    cut = account_listed_samples(table, listing, shard="00000.tar", partition=0,
+                                 listing_name="00000.parquet", shard_error="broken")
+    assert {r["key"]: r["drop_reason"] for r in cut.to_pylist()}["k4"] == "truncated"
