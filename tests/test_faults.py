@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from tests.helpers import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 8  # many small output shards, so the write stage is killable mid-way
@@ -101,17 +101,33 @@ def test_driver_killed_mid_stage_then_rerun_gives_identical_output(pool, referen
     _assert_same_output(reference, out)
 
 
-def _kill_one_worker(class_name, stop):
-    """Kill -9 the first Ray worker process whose title names `class_name`, once."""
-    while not stop.is_set():
-        for proc in Path("/proc").iterdir():
+def _descendants(root: int) -> set[int]:
+    """The processes below `root` (this test session's embedded Ray: its raylet and workers)."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
             try:
-                title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (FileNotFoundError, PermissionError, ProcessLookupError, NotADirectoryError):
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _kill_one_worker(class_name, stop):
+    """Kill -9 the first Ray worker of this session whose title names `class_name`, once."""
+    while not stop.is_set():
+        for pid in sorted(_descendants(os.getpid())):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
                 continue
             if title.startswith("ray::") and class_name in title:
-                os.kill(int(proc.name), signal.SIGKILL)
-                return int(proc.name)
+                os.kill(pid, signal.SIGKILL)
+                return pid
         time.sleep(0.02)
 
 
@@ -123,7 +139,9 @@ def test_worker_killed_mid_task_is_retried_and_the_run_completes(pool, reference
     killer.start()
     out = tmp_path / "out"
     try:
-        summary = run_pipeline(run_config(pool, out, write={"shard_size": SHARD_SIZE}))
+        config = load_config(str(ROOT / "jobs" / "quickstart.yaml"),
+                             [f"input={pool}", f"output={out}", f"write.shard_size={SHARD_SIZE}"])
+        summary = run_pipeline(config)  # the reference's job, on this session's Ray
     finally:
         stop.set()
         killer.join(5)
