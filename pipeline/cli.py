@@ -1,10 +1,14 @@
-"""The `curate` command: run, synth, query, schema."""
+"""The `curate` command: run, synth, query, schema, report, train-dfn, eval."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from pipeline.evaluate import add_eval_parser
+from pipeline.stages.report import add_report_parser
+from pipeline.train_dfn import add_train_dfn_parser
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -37,7 +41,18 @@ def cmd_run(args) -> int:
 def cmd_synth(args) -> int:
     from pipeline.synth import synthesize
 
-    summary = synthesize(args.out, samples=args.samples, seed=args.seed, shard_size=args.shard_size)
+    if args.eval_set:
+        from pipeline.synth.evalset import synthesize_eval_set
+
+        seed = 1 if args.seed is None else args.seed
+        summary = synthesize_eval_set(args.out, per_class=args.per_class, seed=seed,
+                                      pairs_per_class=args.pairs_per_class)
+        print(f"wrote an evaluation set of seed {seed} to {args.out}: {summary['images']} labelled images of "
+              f"{summary['classes']} classes in {summary['classes_dir']}, {summary['pairs']} image-caption pairs "
+              f"in {summary['pairs_dir']}")
+        return 0
+    seed = 0 if args.seed is None else args.seed
+    summary = synthesize(args.out, samples=args.samples, seed=seed, shard_size=args.shard_size)
     print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {args.out} "
           f"(ground truth: {args.out}/truth/truth.parquet)")
     return 0
@@ -93,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="render a synthetic pool with ground truth")
     synth.add_argument("--out", required=True)
     synth.add_argument("--samples", type=int, default=2000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=None, help="default: 0 for a pool, 1 for --eval-set")
     synth.add_argument("--shard-size", type=int, default=1000)
+    synth.add_argument("--eval-set", action="store_true",
+                       help="render a clean, class-balanced held-out set for `curate eval` instead of a pool "
+                            "(an image folder per class and image-caption pairs; never part of any pool)")
+    synth.add_argument("--per-class", type=int, default=10, help="--eval-set: labelled images per class")
+    synth.add_argument("--pairs-per-class", type=int, default=1, help="--eval-set: image-caption pairs per class")
     synth.set_defaults(func=cmd_synth)
 
     query = sub.add_parser("query", help="SQL over a run's catalog (views: samples, embeddings, clusters)")
@@ -107,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="write the config and metadata JSON Schemas")
     schema.add_argument("--out", default="schemas")
     schema.set_defaults(func=cmd_schema)
+    add_report_parser(sub)
+    add_train_dfn_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
