@@ -531,6 +531,21 @@ def assemble(uids: pa.ChunkedArray | pa.Array, results: list[dict], dim: int) ->
     )
 
 
+def record_totals(ctx, models_used: dict, device: str, dim: int) -> None:
+    """The stage's totals over every partition, this run's and those done before a resume."""
+    stats = ctx.record.counts.get("partitions", {}).values()
+    ctx.record.samples_in = sum(s["samples"] for s in stats)
+    ctx.record.samples_out = sum(s["embedded"] for s in stats)
+    ctx.record.counts.update(
+        embedded=ctx.record.samples_out,
+        not_embedded=ctx.record.samples_in - ctx.record.samples_out,
+        image_only=sum(s["embedded"] - s["with_text"] for s in stats),
+        models=models_used,
+        device=device,
+        dim=dim,
+    )
+
+
 @dataclass
 class _Partition:
     uids: pa.ChunkedArray
@@ -597,17 +612,7 @@ def run(ctx) -> None:
             finish(result["partition"], open_parts.pop(result["partition"]))
     if open_parts:
         raise EmbedError(f"partitions {sorted(open_parts)} did not get all their work items back")
-    stats = ctx.record.counts.get("partitions", {}).values()
-    ctx.record.samples_in = sum(s["samples"] for s in stats)
-    ctx.record.samples_out = sum(s["embedded"] for s in stats)
-    ctx.record.counts.update(
-        embedded=ctx.record.samples_out,
-        not_embedded=ctx.record.samples_in - ctx.record.samples_out,
-        image_only=sum(s["embedded"] - s["with_text"] for s in stats),
-        models={role: spec.label for role, spec in specs.items()},
-        device=res.device,
-        dim=dim,
-    )
+    record_totals(ctx, {role: spec.label for role, spec in specs.items()}, res.device, dim)
 
 
 # --- embeddings and scores that come with the pool (DataComp metadata) ----------------------------
@@ -710,14 +715,4 @@ def run_provided(ctx) -> None:
     for result in map_items(provided_partition, provided_items(ctx, index, dim), num_cpus=1):
         stats = {k: result[k] for k in ("samples", "embedded", "with_text")}
         ctx.partition_done(result["partition"], stats)
-    stats = ctx.record.counts.get("partitions", {}).values()
-    ctx.record.samples_in = sum(s["samples"] for s in stats)
-    ctx.record.samples_out = sum(s["embedded"] for s in stats)
-    ctx.record.counts.update(
-        embedded=ctx.record.samples_out,
-        not_embedded=ctx.record.samples_in - ctx.record.samples_out,
-        image_only=sum(s["embedded"] - s["with_text"] for s in stats),
-        models={"embed": f"DataComp metadata {provided.embeddings}"},
-        device="none",
-        dim=dim,
-    )
+    record_totals(ctx, {"embed": f"DataComp metadata {provided.embeddings}"}, "none", dim)
