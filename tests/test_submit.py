@@ -26,12 +26,16 @@ def free_port() -> int:
 @pytest.fixture
 def ray_cluster():
     port, dashboard = free_port(), free_port()
+    # the agents' default ports are taken when another Ray runs on the machine (this session's own):
+    # the head's job agent then never comes up and every submit is refused
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_ports],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
