@@ -66,11 +66,11 @@ MODEL = "curate-dfn-rn16-64"
 # about 15 minutes on 2 CPU cores (EVAL.md); the learning rate and weight decay are the shipped
 # model's (pipeline/assets/README.md).
 DEFAULTS = {
-    "steps": 300,
+    "steps": 240,
     "batch_size": 128,
     "lr": 2e-3,
     "wd": 0.1,
-    "warmup": 30,
+    "warmup": 24,
     "seeds": 3,
     "shard_size": 1000,
     "workers": 1,
