@@ -11,7 +11,14 @@ if __name__ == "__main__" and __package__ in (None, ""):
     # names must not shadow top-level packages.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline.cli import main  # noqa: E402
+try:
+    from pipeline.cli import main  # noqa: E402
+except ModuleNotFoundError as missing:
+    # Under `ray job submit`, `python` is whatever the head's PATH finds first, often not the
+    # environment Curate is installed in.
+    sys.exit(f"{sys.executable} cannot import {missing.name!r}: run the job with the Python that has "
+             f"Curate installed (pip install -e . there), e.g. `ray job submit -- /path/to/venv/bin/python "
+             f"pipeline/curate.py ...`, or put that environment first on the cluster's PATH")
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

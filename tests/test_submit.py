@@ -31,7 +31,8 @@ def ray_cluster():
     agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                    f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the job's `python` is the first on the head's PATH: this environment's, as on a cluster image
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
@@ -96,3 +97,12 @@ def test_ray_job_submit_runs_the_job_file_on_the_cluster(ray_cluster, synth_pool
     assert manifest["counts"]["input"] == 600
     sizes = json.loads((out / "shards" / "sizes.json").read_text())
     assert sum(sizes.values()) == manifest["counts"]["kept"] > 0
+
+
+def test_entry_point_names_the_interpreter_that_lacks_the_dependencies():
+    # `-S` leaves out site-packages: the state of a cluster `python` that is not Curate's environment
+    job = subprocess.run([sys.executable, "-S", "pipeline/curate.py", "--config", "jobs/quickstart.yaml"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert job.returncode == 1
+    assert f"{sys.executable} cannot import" in job.stderr
+    assert "ray job submit -- /path/to/venv/bin/python pipeline/curate.py" in job.stderr
