@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
+from ray.data.context import ShuffleStrategy
 
 log = logging.getLogger("curate")
 
@@ -106,6 +107,12 @@ def map_items(
     yield from dataset.iter_rows()
 
 
+# Ray Data's default hash shuffle first starts a pool of aggregator actors: seconds of fixed cost,
+# more than the whole shuffle of a few dozen blocks. Below this many input blocks the sort shuffle,
+# which has no such start, is used; above it the hash shuffle's scaling pays for its start.
+SORT_SHUFFLE_MAX_BLOCKS = 32
+
+
 def group_map(
     items: list[dict],
     emit: Callable[[dict], dict],
@@ -133,6 +140,8 @@ def group_map(
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         emit_batch, batch_size=1, batch_format="numpy", num_cpus=num_cpus
     )
+    if len(items) <= SORT_SHUFFLE_MAX_BLOCKS:
+        dataset.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     groups = dataset.groupby(key, num_partitions=num_partitions).map_groups(
         per_group, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus or None
     )
