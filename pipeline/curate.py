@@ -14,6 +14,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
 try:
     from pipeline.cli import main  # noqa: E402
 except ModuleNotFoundError as missing:
+    if (missing.name or "").split(".")[0] == "pipeline":
+        raise
     # Under `ray job submit`, `python` is whatever the head's PATH finds first, often not the
     # environment Curate is installed in.
     sys.exit(f"{sys.executable} cannot import {missing.name!r}: run the job with the Python that has "
