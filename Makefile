@@ -19,8 +19,10 @@ demo: install
 	$(VENV)/bin/curate synth --out demo/pool --samples 2000 --seed 0
 	$(PY) pipeline/curate.py --config jobs/quickstart.yaml
 
+# Two pytest workers, a test file each: about a quarter of a single run's time goes to waiting (Ray
+# scheduling, process starts), which the other worker fills. More workers than cores only contend.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf demo runs
