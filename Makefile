@@ -6,7 +6,8 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 .PHONY: install demo test clean
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+	# an existing environment is updated, not recreated (python3 may now be another interpreter)
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	# torch and torchvision pinned as a pair (torchvision must match torch's build)
 	$(PIP) torch==2.14.1 torchvision==0.29.1
