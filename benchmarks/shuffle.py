@@ -47,7 +47,8 @@ def main() -> None:
         assert sum(int(b["rows"].sum()) for b in out) == blocks * rows
         return seconds
 
-    timed(4, 10**9), timed(4, 0)  # warm-up: worker processes and imports
+    for max_sort_blocks in (10**9, 0):  # warm-up of each shuffle: worker processes and imports
+        timed(4, max_sort_blocks)
     print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {rows} rows x {dim} floats per block, "
           f"{clusters} clusters; group_map sorts up to {shipped} blocks as shipped")
     print(f"{'blocks':>6} {'rows':>8} {'MB':>6} {'hash s':>7} {'sort s':>7} {'hash/sort':>9}")

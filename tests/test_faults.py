@@ -18,13 +18,13 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
+from tests.helpers import WITHOUT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 8  # many small output shards, so the write stage is killable mid-way
-# The quickstart job without its model: every stage that reads or writes shards runs, and each run
-# takes half the time (the embedding stage's own resume is tested in tests/stages/test_embed.py).
-OVERRIDES = [f"write.shard_size={SHARD_SIZE}", "embed.model=null", "dfn.model=null", "dedup.semantic=false",
-             "select.dfn.threshold=null", "select.dbp.enabled=false"]
+# The quickstart job without its model (the embedding stage's own resume is tested in
+# tests/stages/test_embed.py).
+OVERRIDES = [f"write.shard_size={SHARD_SIZE}", *WITHOUT_MODEL]
 
 
 @pytest.fixture(scope="module")

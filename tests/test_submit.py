@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import WITHOUT_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -89,8 +91,7 @@ def test_ray_job_submit_runs_the_job_file_on_the_cluster(ray_cluster, synth_pool
     out = tmp_path / "submitted"
     # the job file without its model: what is tested here is the way onto the cluster, not the recipe
     job = submit(address, env, ["python", "pipeline/curate.py", "--config", "jobs/quickstart.yaml",
-                                f"input={synth_pool}", f"output={out}", "embed.model=null", "dfn.model=null",
-                                "dedup.semantic=false", "select.dfn.threshold=null", "select.dbp.enabled=false"])
+                                f"input={synth_pool}", f"output={out}", *WITHOUT_MODEL])
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-3000:]
     assert "succeeded" in log
