@@ -12,7 +12,7 @@ What each part is validated against:
   separator), each CRD's openAPIV3Schema, made strict the way `kubectl apply --validate=strict` is.
 - infra/cluster.yaml: Ray's own launcher schema (ray-schema.json in the ray wheel), then Ray's
   prepare_config + validate_config (defaults merged, node-type checks).
-- infra/Dockerfile: its Ray tag is the installed Ray, its torch pins are the Makefile's, it installs
+- infra/Dockerfile: its Ray tag is the installed Ray, its torch pins are requirements/pins.in's, it installs
   the project and copies jobs/ under the working directory the pods use.
 - every entrypoint (manifests and infra/README.md): expanded by bash as KubeRay's submitter does, its
   --config file exists in jobs/, and the file plus its overrides validates with load_config.
@@ -557,12 +557,14 @@ def test_dockerfile_builds_on_the_installed_ray_and_installs_the_project():
     requires = re.search(r'requires-python\s*=\s*">=3\.(\d+)"', (ROOT / "pyproject.toml").read_text())
     assert int(match.group(2)) >= int(requires.group(1))
 
-    pins = re.search(r"torch==([\w.+]+) torchvision==([\w.+]+)", (ROOT / "Makefile").read_text())
-    assert (defaults["TORCH_VERSION"], defaults["TORCHVISION_VERSION"]) == pins.groups(), "torch pins differ from the Makefile's"
+    pins = re.search(r"torch==([\w.+]+)\ntorchvision==([\w.+]+)", (ROOT / "requirements/pins.in").read_text())
+    assert (defaults["TORCH_VERSION"], defaults["TORCHVISION_VERSION"]) == pins.groups(), "torch pins differ from pins.in's"
 
     runs = [args for word, args in instructions if word == "RUN"]
     assert any("pip install" in r and "torch==${TORCH_VERSION}" in r and "torchvision==${TORCHVISION_VERSION}" in r for r in runs)
-    assert any(re.search(r"pip install [\"']?\.\[s3\]", r) for r in runs), "installs the project with its s3 extra"
+    assert all("-c requirements/lock.txt" in r for r in runs if "pip install" in r), "every install follows the lock"
+    assert any(re.search(r"pip install -c requirements/lock.txt [\"']?\.\[s3,gcs\]", r) for r in runs), \
+        "installs the project with its object-store extras"
 
     (workdir,) = [args for word, args in instructions if word == "WORKDIR"]
     copies = [args.split() for word, args in instructions if word == "COPY"]
@@ -571,7 +573,7 @@ def test_dockerfile_builds_on_the_installed_ray_and_installs_the_project():
         words = [w for w in words if not w.startswith("--")]
         for source in words[:-1]:
             copied[source.rstrip("/")] = words[-1]
-    for needed in ("pyproject.toml", "pipeline", "jobs"):
+    for needed in ("pyproject.toml", "requirements", "pipeline", "jobs"):
         assert needed in copied, f"the image does not copy {needed}"
         assert needed not in _dockerignore(), f".dockerignore excludes {needed}"
         assert (ROOT / needed).exists()
