@@ -2,14 +2,21 @@
 
 A stage hands over a worker class (`__init__` loads what it needs once per actor, `__call__` takes
 one work item and returns a small dict of counts) and a list of work items; this module runs them
-as a streaming Ray Data job and yields the results as they complete, so the driver can record
-progress and completed partitions while the job runs. Stage code never imports Ray itself.
+on Ray actors or tasks and yields the results as they complete, so the driver can record completed
+partitions while the job runs. A worker may also be given `progress=`, a plain callback for what it
+finishes inside a work item, whose totals the driver logs (Progress). Stage code never imports Ray
+itself, and its cores run without Ray (and without a callback) as well.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
+import threading
+import time
+from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
@@ -32,10 +39,28 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
             kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
         kwargs["address"] = address
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        if not _transient_start_failure(exc):
+            raise
+        log.warning("ray: did not start (%s); retrying once", " ".join(str(exc).split()))
+        ray.shutdown()  # whatever the failed attempt left running
+        ray.init(**kwargs)
     resources = ray.cluster_resources()
     log.info("ray: %s, %s CPUs, %s GPUs", ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0))
     return True
+
+
+# What ray.init raises when a loaded machine is too slow for its start-up deadlines (the raylet not
+# registering in time, the GCS not answering); Ray raises these as plain Exception or RuntimeError.
+_TRANSIENT_START_FAILURES = ("timed out", "failed to start gcs", "failed to connect to gcs", "overloaded")
+
+
+def _transient_start_failure(exc: Exception) -> bool:
+    """A start-up failure that a second attempt usually gets past, unlike a wrong address or argument."""
+    text = str(exc).lower()
+    return isinstance(exc, TimeoutError) or any(marker in text for marker in _TRANSIENT_START_FAILURES)
 
 
 def _cluster_reachable() -> bool:
@@ -49,6 +74,54 @@ def _cluster_reachable() -> bool:
         return False
 
 
+# --- Ray's own output ----------------------------------------------------------------------------
+#
+# What Ray prints on every healthy run (its token-auth notice, Ray Data's per-dataset INFO lines and
+# its note that progress bars are off) says nothing about the job, and the user's terminal shows
+# Curate's log instead. These records are dropped where they are made, by logger and level; warnings
+# and errors of every other Ray logger, and everything a worker raises, still come through.
+# `curate -v` (the "curate" logger at DEBUG) or CURATE_RAY_LOGS=1 shows them all again.
+RAY_LOGS_ENV = "CURATE_RAY_LOGS"
+# logger -> the lowest level shown without -v / CURATE_RAY_LOGS
+_RAY_LOGGER_FLOORS = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.data._internal.progress": logging.ERROR,
+}
+
+
+def ray_logs_wanted() -> bool:
+    return os.environ.get(RAY_LOGS_ENV, "") not in ("", "0") or log.isEnabledFor(logging.DEBUG)
+
+
+class _UnlessVerbose(logging.Filter):
+    """Drops a logger's records below `floor` unless Ray's own logs were asked for (checked per
+    record, so `-v` counts however late logging was configured)."""
+
+    def __init__(self, floor: int):
+        super().__init__()
+        self.floor = floor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.floor or ray_logs_wanted()
+
+
+def _quiet_ray_loggers() -> None:
+    for name, floor in _RAY_LOGGER_FLOORS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UnlessVerbose) for f in logger.filters):
+            logger.addFilter(_UnlessVerbose(floor))
+    # Ray Data's INFO lines still reach its own log file (ray-data.log in the session's logs):
+    # only its console handler is held back. A logger's filter sees only that logger's records, so
+    # the handler gets one too (ray.data's children log through it).
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console" or type(handler).__name__ == "PlainRayHandler":  # Ray Data's own
+            if not any(isinstance(f, _UnlessVerbose) for f in handler.filters):
+                handler.addFilter(_UnlessVerbose(logging.WARNING))
+
+
+_quiet_ray_loggers()
+
+
 def _quiet_data_context() -> None:
     """Our own progress lines replace Ray Data's bars (CURATE_PROGRESS_BARS=1 brings them back)."""
     from ray.data import DataContext
@@ -56,6 +129,7 @@ def _quiet_data_context() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = bool(os.environ.get("CURATE_PROGRESS_BARS"))
     context.print_on_execution_start = False
+    _quiet_ray_loggers()
 
 
 def cluster_cpus() -> float:
@@ -66,6 +140,163 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+# --- progress inside partitions --------------------------------------------------------------------
+
+REPORT_EVERY_S = 1.0  # a worker sends what it counted at most once a second
+
+
+@ray.remote(num_cpus=0)
+class _Counts:
+    """Where the workers of one stage add up what they finished; the driver reads the totals.
+
+    The rate is measured from the first report on, in this actor's clock: the time before it
+    (actors starting, models loading) does not count, and no clocks of two machines are compared.
+    """
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.first: tuple[float, dict] | None = None  # (time, counts) of the first report
+
+    def add(self, counts: dict) -> None:
+        self.counts.update(counts)
+        if self.first is None:
+            self.first = (time.monotonic(), dict(self.counts))
+
+    def snapshot(self) -> dict:
+        if self.first is None:
+            return {"counts": {}, "first": {}, "seconds": 0.0}
+        return {"counts": dict(self.counts), "first": self.first[1], "seconds": time.monotonic() - self.first[0]}
+
+
+class Reporter:
+    """The workers' end of a Progress: a plain callback, `report(samples=1, bytes=n)`.
+
+    Counts are sent to the stage's counter actor at most every `every_s` seconds (and by `flush`,
+    which the adapter calls after each work item), so per-sample calls cost nothing.
+    """
+
+    def __init__(self, counts_actor, every_s: float = REPORT_EVERY_S):
+        self._actor = counts_actor
+        self._every_s = every_s
+        self._pending: Counter = Counter()
+        self._sent = 0.0
+
+    def __call__(self, **counts: int) -> None:
+        self._pending.update(counts)
+        if time.monotonic() - self._sent >= self._every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._actor.add.remote(dict(self._pending))
+            self._pending = Counter()
+        self._sent = time.monotonic()
+
+    def __reduce__(self):
+        return (Reporter, (self._actor, self._every_s))  # each process counts afresh
+
+
+class Progress:
+    """What a stage's workers finished inside their partitions, logged by the driver as it runs.
+
+    Partitions are the unit of resume, but a stage can spend minutes on a few of them; so workers
+    report counts as they go (map_items and map_prepared hand them a Reporter as `progress=`), and
+    a driver thread (the driver's own loop waits on whole partitions) logs the totals every
+    `every_s` seconds: done out of `total` in `measure` (one of the counts), the other counts, a
+    rate and an ETA. Nothing is logged when the stage ends within `every_s`. `partitions_done` is
+    kept up to date by the caller (RunContext.partition_done).
+    """
+
+    def __init__(self, label: str, total: int, *, every_s: float, measure: str = "samples", partitions: int = 0,
+                 partitions_done: int = 0):
+        self.label = label
+        self.total = int(total)
+        self.measure = measure
+        self.partitions = partitions
+        self.partitions_done = partitions_done
+        self.every_s = every_s
+        self._actor = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reporter(self) -> Reporter:
+        if self._actor is None:
+            self._actor = _Counts.remote()
+        # a few reports per logged line, and never more than one a second from a worker
+        return Reporter(self._actor, min(REPORT_EVERY_S, self.every_s / 4))
+
+    def __enter__(self) -> "Progress":
+        self._thread = threading.Thread(target=self._run, name=f"progress-{self.label}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # a thread still asking the counter logs nothing more
+        # Not killed: a worker's last counts may still be on their way. The actor ends by itself
+        # once no worker and no driver holds a handle to it.
+        self._actor = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            snapshot = self.snapshot()
+            if snapshot is not None and not self._stop.is_set():
+                log.info("%s", self.line(snapshot))
+
+    def snapshot(self) -> dict | None:
+        """The counter's totals (None when it did not answer in time; the next line will tell)."""
+        if self._actor is None:
+            return None
+        try:
+            return ray.get(self._actor.snapshot.remote(), timeout=self.every_s / 2)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            return None
+
+    def line(self, snapshot: dict) -> str:
+        """`embed: 812/1,890 samples (43%), 2/4 partitions, 31 samples/s, ETA 35s`."""
+        counts, first, seconds = snapshot["counts"], snapshot["first"], snapshot["seconds"]
+        done = min(int(counts.get(self.measure, 0)), self.total)  # a retried item reports twice
+        parts = [f"{_amount(done, self.measure)}/{_amount(self.total, self.measure)} {_unit(self.measure)}"
+                 f" ({100 * done / self.total if self.total else 100:.0f}%)"]
+        parts += [f"{_amount(v, k)} {_unit(k)}" for k, v in sorted(counts.items()) if k != self.measure]
+        if self.partitions:
+            parts.append(f"{self.partitions_done}/{self.partitions} partitions")
+        rate = (done - first.get(self.measure, 0)) / seconds if seconds > 0 else 0.0
+        if not counts:
+            parts.append("waiting for the first results")
+        elif rate <= 0:
+            parts.append("measuring the rate")
+        else:
+            shown = "samples" if "samples" in counts else self.measure
+            per_s = (counts[shown] - first.get(shown, 0)) / seconds
+            parts.append(f"{_amount(per_s, shown) if per_s >= 10 else f'{per_s:.1f}'} {_unit(shown)}/s")
+            parts.append(f"ETA {_duration((self.total - done) / rate)}")
+        return f"{self.label}: " + ", ".join(parts)
+
+
+def _unit(measure: str) -> str:
+    return "MB" if measure == "bytes" else measure
+
+
+def _amount(value: float, measure: str) -> str:
+    if measure == "bytes":
+        return f"{value / 1e6:,.1f}"
+    return f"{value:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# --- running work items ----------------------------------------------------------------------------
+
+
 def map_items(
     worker: type | Callable[[dict], dict],
     items: list[dict],
@@ -74,37 +305,78 @@ def map_items(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     max_workers: int | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[dict]:
     """Run a worker over work items and yield its results as they finish.
 
     A class runs on a pool of actors (`worker(**worker_kwargs)` once per actor, then one call per
-    item); a plain function runs as Ray tasks (`worker(item, **worker_kwargs)`). Ray Data restarts
-    dead actors and retries tasks lost to worker failures; an exception raised by the worker
-    itself fails the stage.
+    item, each to an idle actor); a plain function runs as Ray tasks (`worker(item, **worker_kwargs)`).
+    With `progress`, the worker also gets `progress=`, a Reporter: a plain callback for what it
+    finishes inside an item; the driver logs the totals while the items run. Dead actors are
+    restarted, and calls and tasks lost with a process are retried; an exception raised by the
+    worker itself ends the run with that exception.
+
+    Work items are whole partitions, so they run on plain actors and tasks rather than as a Ray
+    Data dataset, whose blocks would only add conversions of the items and results.
     """
     if not items:
         return
-    _quiet_data_context()
     capacity = int(cluster_gpus() // num_gpus) if num_gpus else int(cluster_cpus() // max(num_cpus, 1e-3))
     size = max(1, min(len(items), capacity, max_workers or len(items)))
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    if isinstance(worker, type):
-        dataset = dataset.map(
-            worker,
-            fn_constructor_kwargs=worker_kwargs or {},
-            compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus or None,
-        )
-    else:
-        dataset = dataset.map(
-            worker,
-            fn_kwargs=worker_kwargs or {},
-            compute=ray.data.TaskPoolStrategy(size=size),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus or None,
-        )
-    yield from dataset.iter_rows()
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        options["num_gpus"] = num_gpus
+    with progress if progress is not None else contextlib.nullcontext():
+        reporter = progress.reporter() if progress is not None else None
+        if isinstance(worker, type):
+            yield from _on_actors(worker, worker_kwargs or {}, items, size, options, reporter)
+        else:
+            yield from _as_tasks(worker, worker_kwargs or {}, items, size, options, reporter)
+
+
+def _on_actors(worker: type, kwargs: dict, items: list[dict], size: int, options: dict, reporter) -> Iterator[dict]:
+    pool = _Pool(worker, kwargs, size, {**options, "max_restarts": 3, "max_task_retries": 3}, reporter=reporter)
+    todo = iter(items)
+    try:
+        for item in todo:
+            pool.submit(item)
+            if not pool.free(1):
+                break
+        while pool.calls:
+            (ref,), _ = ray.wait(list(pool.calls), num_returns=1)
+            pool.done(ref)
+            item = next(todo, None)
+            if item is not None:
+                pool.submit(item)
+            yield _get(ref)
+    finally:
+        pool.kill()
+
+
+def _call_reporting(fn: Callable, item: dict, kwargs: dict, reporter):
+    """A function worker's call inside its task, given the Reporter when there is one."""
+    if reporter is None:
+        return fn(item, **kwargs)
+    try:
+        return fn(item, progress=reporter, **kwargs)
+    finally:
+        reporter.flush()
+
+
+def _as_tasks(fn: Callable, kwargs: dict, items: list[dict], size: int, options: dict, reporter) -> Iterator[dict]:
+    task = ray.remote(_call_reporting).options(**options, max_retries=3, name=getattr(fn, "__name__", "task"))
+    todo = iter(items)
+    running = [task.remote(fn, item, kwargs, reporter) for item in itertools.islice(todo, size)]
+    try:
+        while running:
+            (ref,), running = ray.wait(running, num_returns=1)
+            item = next(todo, None)
+            if item is not None:
+                running.append(task.remote(fn, item, kwargs, reporter))
+            yield _get(ref)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
 
 
 # Ray Data's default hash shuffle first starts a pool of aggregator actors: seconds of fixed cost,
@@ -168,13 +440,24 @@ def _get(ref):
 
 
 class _Host:
-    """An actor holding one worker object: `worker(**kwargs)` once, then calls."""
+    """An actor holding one worker object: `worker(**kwargs)` once, then calls, each given
+    `progress=` the pool's Reporter when it has one.
+
+    The Reporter travels with each call, not with the constructor: arguments holding an actor
+    handle go through the object store, and an actor restarted after its process died could not
+    get its constructor's arguments back from there.
+    """
 
     def __init__(self, worker: type, kwargs: dict):
         self.worker = worker(**kwargs)
 
-    def call(self, payload, **kwargs):
-        return self.worker(payload, **kwargs)
+    def call(self, payload, reporter: Reporter | None = None, **kwargs):
+        if reporter is None:
+            return self.worker(payload, **kwargs)
+        try:
+            return self.worker(payload, progress=reporter, **kwargs)
+        finally:
+            reporter.flush()
 
     def method(self, name: str):
         return getattr(self.worker, name)()
@@ -193,9 +476,12 @@ class _Bound:
 class _Pool:
     """Actors of one kind and how many calls each has queued; calls go to the least busy."""
 
-    def __init__(self, worker: type, kwargs: dict, size: int, options: dict):
-        host = ray.remote(_Host)
+    def __init__(self, worker: type, kwargs: dict, size: int, options: dict, reporter: Reporter | None = None):
+        # A subclass named after the worker, so that process titles, `ray list actors` and the
+        # dashboard say which worker an actor holds ("IngestWorkerHost"), not just "_Host".
+        host = ray.remote(type(f"{worker.__name__}Host", (_Host,), {}))
         self.actors = [host.options(**options).remote(worker, kwargs) for _ in range(max(1, size))]
+        self.reporter = reporter
         self.load = [0] * len(self.actors)
         self.calls: dict = {}  # call ref -> actor index
 
@@ -204,7 +490,7 @@ class _Pool:
 
     def submit(self, payload, **kwargs):
         index = self.load.index(min(self.load))
-        ref = self.actors[index].call.remote(payload, **kwargs)
+        ref = self.actors[index].call.remote(payload, self.reporter, **kwargs)
         self.calls[ref] = index
         self.load[index] += 1
         return ref
@@ -233,6 +519,7 @@ def map_prepared(
     prefetch: int = 2,
     actor_concurrency: int = 1,
     actor_env: dict[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[dict]:
     """Two steps, streamed: CPU workers run `prepare(item, spec=...)` and feed actors that hold `worker`.
 
@@ -245,7 +532,8 @@ def map_prepared(
     start (for settings read when a library loads, such as OpenMP's). When the worker has a
     `prepare_spec()` method, its result (asked of the first model actor once it is up) is passed to
     prepare as `spec`. Items are pulled from the iterable only as there is room, so the caller may
-    produce them lazily.
+    produce them lazily. With `progress`, model actors' calls get `progress=` a Reporter, as in
+    map_items.
 
     Prepare runs in long-lived actors rather than tasks: under backpressure, idle task workers are
     reaped and the next task pays a fresh process and its imports (seconds with torch), which on a
@@ -262,32 +550,34 @@ def map_prepared(
         model_options["runtime_env"] = {"env_vars": dict(actor_env)}
     if actor_gpus:
         model_options["num_gpus"] = actor_gpus
-    models = _Pool(worker, worker_kwargs or {}, actors, model_options)
+    reporter = progress.reporter() if progress is not None else None
+    models = _Pool(worker, worker_kwargs or {}, actors, model_options, reporter=reporter)
     # Both pools start at once; prepare calls wait on the spec by reference, the driver never does.
     preparers = _Pool(_Bound, {"fn": prepare}, prepare_slots,
                       {"num_cpus": prepare_cpus, "max_restarts": 3, "max_task_retries": 3})
     kwargs = {"spec": models.actors[0].method.remote("prepare_spec")} if hasattr(worker, "prepare_spec") else {}
-    try:
-        item = first  # the next item not yet handed to a prepare actor; None once all are
-        ready: list = []  # prepared refs waiting for a model actor
-        depth = prefetch + max(0, actor_concurrency - 1)  # calls in flight per model actor
-        limit = 2 * len(preparers.actors) + len(models.actors) * depth  # items prepared or preparing
-        while True:
-            while item is not None and preparers.free(2) and len(preparers.calls) + len(ready) < limit:
-                preparers.submit(item, **kwargs)
-                item = next(iterator, None)
-            while ready and models.free(depth):
-                models.submit(ready.pop(0))
-            if not preparers.calls and not models.calls:
-                return  # nothing running: nothing ready and no item left either
-            done, _ = ray.wait(list(preparers.calls) + list(models.calls), num_returns=1, fetch_local=False)
-            for ref in done:
-                if ref in preparers.calls:
-                    preparers.done(ref)
-                    ready.append(ref)
-                else:
-                    models.done(ref)
-                    yield _get(ref)
-    finally:
-        models.kill()
-        preparers.kill()
+    with progress if progress is not None else contextlib.nullcontext():
+        try:
+            item = first  # the next item not yet handed to a prepare actor; None once all are
+            ready: list = []  # prepared refs waiting for a model actor
+            depth = prefetch + max(0, actor_concurrency - 1)  # calls in flight per model actor
+            limit = 2 * len(preparers.actors) + len(models.actors) * depth  # items prepared or preparing
+            while True:
+                while item is not None and preparers.free(2) and len(preparers.calls) + len(ready) < limit:
+                    preparers.submit(item, **kwargs)
+                    item = next(iterator, None)
+                while ready and models.free(depth):
+                    models.submit(ready.pop(0))
+                if not preparers.calls and not models.calls:
+                    return  # nothing running: nothing ready and no item left either
+                done, _ = ray.wait(list(preparers.calls) + list(models.calls), num_returns=1, fetch_local=False)
+                for ref in done:
+                    if ref in preparers.calls:
+                        preparers.done(ref)
+                        ready.append(ref)
+                    else:
+                        models.done(ref)
+                        yield _get(ref)
+        finally:
+            models.kill()
+            preparers.kill()

@@ -4,6 +4,10 @@ A stage is skipped on rerun when its record is complete and its fingerprint (its
 fingerprints of the stages it reads) is unchanged; an incomplete stage with the same fingerprint
 resumes, redoing only partitions not recorded as done. A partition is recorded only after its
 output was renamed into place, so a recorded partition is always complete on disk.
+
+Each record keeps what its fingerprint was computed from (`inputs`), so that a rerun can name what
+changed; ingest's partitions record the size, stamp and sha256 of the files they read, so that the
+input is compared by content.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class StageRecord:
     samples_out: int = 0
     counts: dict = field(default_factory=dict)
     skipped: bool = False
+    # What the fingerprint was computed from (config section, upstream fingerprints, input), so
+    # that a rerun can say what changed.
+    inputs: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +56,7 @@ class StageRecord:
             "samples_out": self.samples_out,
             "counts": self.counts,
             "skipped": self.skipped,
+            "inputs": self.inputs,
         }
 
 
@@ -77,6 +85,7 @@ class Manifest:
             samples_out=raw.get("samples_out", 0),
             counts=raw.get("counts", {}),
             skipped=raw.get("skipped", False),
+            inputs=raw.get("inputs", {}),
         )
 
     def set_stage(self, name: str, record: StageRecord, *, save: bool = True, throttle_s: float = 0.0) -> None:

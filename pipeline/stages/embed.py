@@ -406,7 +406,8 @@ class EmbedWorker:
         out["dfn_score"] = scores[self.roles["dfn"].key] if "dfn" in self.roles else None
         return out
 
-    def __call__(self, prepared: dict) -> dict:
+    def __call__(self, prepared: dict, progress=None) -> dict:
+        """One work item's results; `progress`, when given, is told the samples embedded."""
         started = time.perf_counter()
         try:
             out = self._forward(prepared)
@@ -416,6 +417,8 @@ class EmbedWorker:
             out = self._forward_halves(prepared)
         out.update(partition=prepared["partition"], chunk=prepared["chunk"], rows=prepared["rows"],
                    text_pos=prepared["text_pos"], seconds=time.perf_counter() - started)
+        if progress is not None:
+            progress(samples=len(prepared["rows"]))
         return out
 
     def _forward_halves(self, prepared: dict) -> dict:
@@ -531,6 +534,22 @@ def assemble(uids: pa.ChunkedArray | pa.Array, results: list[dict], dim: int) ->
     )
 
 
+def embeddable_total(ctx) -> int:
+    """The samples the partitions still to do will embed: from ingest's counts in the manifest, or,
+    where it has none (the stage run on its own), from ingest's output."""
+    record = ctx.manifest.stage("ingest")
+    ingested = record.counts.get("partitions", {}) if record is not None else {}
+    total = 0
+    for partition in ctx.todo([p.index for p in ctx.partitions]):
+        stats = ingested.get(str(partition))
+        if stats is None:
+            reasons = read_table(ctx.paths.stage_part("ingest", partition), ["drop_reason"]).column("drop_reason")
+            total += len(embeddable(reasons.to_pylist())[0])
+        else:
+            total += stats["samples"] - sum(n for reason, n in stats["reasons"].items() if reason in NOT_EMBEDDED)
+    return total
+
+
 def record_totals(ctx, models_used: dict, device: str, dim: int) -> None:
     """The stage's totals over every partition, this run's and those done before a resume."""
     stats = ctx.record.counts.get("partitions", {}).values()
@@ -599,11 +618,12 @@ def run(ctx) -> None:
         "threads": res.threads,
         "draft_factor": cfg.jpeg_draft_factor,
     }
+    progress = ctx.progress(embeddable_total(ctx))
     results = map_prepared(
         prepare_chunk, EmbedWorker, items(), worker_kwargs=worker_kwargs, actors=res.actors,
         actor_cpus=res.actor_cpus, actor_gpus=res.actor_gpus, prepare_cpus=res.decode_cpus,
         prepare_slots=res.decode_slots, prefetch=cfg.prefetch, actor_concurrency=2 if res.device == "cuda" else 1,
-        actor_env=cpu_actor_env() if res.device == "cpu" else None,
+        actor_env=cpu_actor_env() if res.device == "cpu" else None, progress=progress,
     )
     for result in results:
         part = open_parts[result["partition"]]

@@ -12,13 +12,14 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import re
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import imagehash
 import numpy as np
@@ -148,8 +149,13 @@ def ingest_shard(
     partition: int,
     config: CurateConfig,
     langid: LanguageIdentifier,
+    progress: Callable[..., None] | None = None,
 ) -> tuple[pa.Table, ShardReport]:
-    """One row per sample key found in the tar stream, in order of first appearance."""
+    """One row per sample key found in the tar stream, in order of first appearance.
+
+    `progress`, when given, is called with `samples=1` as each new sample key turns up, so a long
+    shard shows progress before it is done.
+    """
     started = time.perf_counter()
     ingest = config.ingest
     image_exts = [e.lower() for e in ingest.image_extensions]
@@ -160,6 +166,8 @@ def ingest_shard(
         sample = samples.get(member.key)
         if sample is None:
             sample = samples[member.key] = _Sample(member.key, len(samples))
+            if progress is not None:
+                progress(samples=1)
         return sample
 
     try:
@@ -336,31 +344,74 @@ def listing_url(shard_url: str) -> str:
     return shard_url[: -len(".tar")] + ".parquet"
 
 
+class DigestingReader:
+    """A read-only stream over `raw` that hashes (sha256) every byte read through it and reports
+    their count to `progress`; `finish()` reads what the tar reader left, so that the digest is
+    that of the whole file."""
+
+    def __init__(self, raw: BinaryIO, progress: Callable[..., None] | None = None):
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._sha.update(data)
+        if self._progress is not None and data:
+            self._progress(bytes=len(data))
+        return data
+
+    def finish(self) -> str:
+        while self.read(8 * 2**20):
+            pass
+        return self._sha.hexdigest()
+
+
 class IngestWorker:
-    """Ray adapter: one actor loads the language model once, then ingests shard after shard."""
+    """Ray adapter: one actor loads the language model once, then ingests shard after shard.
+
+    Each result carries what identifies the bytes read (`input`: size, stamp and sha256 of the
+    shard and of the img2dataset listing beside it), so that a rerun can tell an unchanged input
+    from a changed one by content.
+    """
 
     def __init__(self, config: dict):
         self.config = CurateConfig.model_validate(config)
         self.langid = LanguageIdentifier()
 
-    def __call__(self, item: dict) -> dict:
+    def __call__(self, item: dict, progress: Callable[..., None] | None = None) -> dict:
         from pipeline.io import fs
         from pipeline.io.parquet import write_table_atomic
+        from pipeline.run import file_identity, recorded_identity
 
+        read_started = time.time()
         try:
-            with fs.open_input(item["url"]) as stream:
+            identity = file_identity(item["url"])  # before reading: see pipeline.run.RACY_FINE_S
+            with fs.open_input(item["url"]) as raw:
+                stream = DigestingReader(raw, progress)
                 table, report = ingest_shard(
-                    stream, shard=item["shard"], partition=item["partition"], config=self.config, langid=self.langid
+                    stream, shard=item["shard"], partition=item["partition"], config=self.config, langid=self.langid,
+                    progress=progress,
                 )
+                digest = stream.finish()
         except Exception as exc:
             raise RuntimeError(f"ingest of shard {item['url']} failed: {type(exc).__name__}: {exc}") from exc
+        seen = {"url": item["url"], "tar": recorded_identity(identity, digest, read_started), "listing": None}
         listing = listing_url(item["url"])
         if fs.exists(listing):
-            from pipeline.io.parquet import read_table
+            import pyarrow.parquet as pq
 
+            listing_identity = file_identity(listing)
+            data = fs.read_bytes(listing)
+            seen["listing"] = recorded_identity(listing_identity, hashlib.sha256(data).hexdigest(), read_started)
+            try:
+                listed = pq.read_table(pa.BufferReader(data))
+            except Exception as exc:
+                raise RuntimeError(f"ingest of shard {item['url']} failed: its listing {listing} does not read: "
+                                   f"{type(exc).__name__}: {exc}") from exc
             before = table.num_rows
             table = account_listed_samples(
-                table, read_table(listing), shard=item["shard"], partition=item["partition"],
+                table, listed, shard=item["shard"], partition=item["partition"],
                 listing_name=listing.rsplit("/", 1)[-1], shard_error=report.shard_error,
             )
             for reason in table.column("drop_reason").to_pylist()[before:]:
@@ -371,10 +422,91 @@ class IngestWorker:
             "partition": item["partition"],
             "samples": report.samples,
             "kept": report.samples - sum(report.reasons.values()),
-            "reasons": json.dumps(dict(sorted(report.reasons.items()))),
+            "reasons": dict(sorted(report.reasons.items())),
             "shard_error": report.shard_error or "",
             "seconds": report.seconds,
+            "input": seen,
         }
+
+
+def input_files(url: str) -> dict[str, str]:
+    """The files ingest reads for one shard: the tar and the img2dataset listing beside it."""
+    return {"tar": url, "listing": listing_url(url)}
+
+
+def changed_partitions(partitions, record) -> list[int]:
+    """The partitions `record` has done whose input files no longer hold the bytes ingest read.
+
+    Size and stamp (pipeline.run.file_identity) decide where they can: a file of another size has
+    changed, one of the same size and stamp has not. A file with a new stamp at the same size is
+    hashed again (Ray tasks, in parallel); when its bytes are the same, its new stamp is recorded,
+    so that the next run need not hash it.
+    """
+    from pipeline.ray_adapter import map_items
+    from pipeline.run import unchanged_without_reading
+
+    stats = record.counts.get("partitions", {})
+    changed: set[int] = set()
+    rehash: list[dict] = []
+    for p in partitions:
+        if p.index not in record.partitions_done:
+            continue
+        seen = stats.get(str(p.index), {}).get("input")
+        if seen is None or seen.get("url") != p.url:
+            changed.add(p.index)
+            continue
+        for kind, url in input_files(p.url).items():
+            verdict = unchanged_without_reading(seen[kind], url)
+            if verdict is False:
+                changed.add(p.index)
+            elif verdict is None:
+                rehash.append({"partition": p.index, "kind": kind, "url": url})
+    rehash = [r for r in rehash if r["partition"] not in changed]
+    if rehash:
+        log.info("input: %d file(s) have a new time stamp at the same size; hashing them to see whether "
+                 "their bytes changed", len(rehash))
+        for result in map_items(hash_input_file, rehash, num_cpus=1):
+            seen = stats[str(result["partition"])]["input"][result["kind"]]
+            if result["sha256"] != seen["sha256"]:
+                changed.add(result["partition"])
+            else:
+                seen["stamp"] = result["stamp"]
+    return sorted(changed)
+
+
+def hash_input_file(item: dict) -> dict:
+    """The digest of one input file and the stamp it is recorded under (None while racy)."""
+    from pipeline.run import file_digest, file_identity, recorded_identity
+
+    read_started = time.time()
+    identity = file_identity(item["url"])
+    seen = recorded_identity(identity, file_digest(item["url"]), read_started)
+    return {"partition": item["partition"], "kind": item["kind"], "sha256": seen["sha256"], "stamp": seen["stamp"]}
+
+
+def content_digests(partitions, record) -> list:
+    """The digests of every partition's input files, as ingest read them: what the stages after
+    ingest depend on, besides its config."""
+    stats = record.counts["partitions"]
+    digests = []
+    for p in partitions:
+        seen = stats[str(p.index)]["input"]
+        digests.append([seen["tar"]["sha256"], seen["listing"]["sha256"] if seen["listing"] else None])
+    return digests
+
+
+def total_bytes(urls: list[str]) -> int:
+    """The shards' total size, from one listing per directory rather than one request per shard."""
+    from pipeline.io import fs
+
+    folders: dict[str, set[str]] = {}
+    for url in urls:
+        folders.setdefault(posixpath.dirname(url), set()).add(fs.to_fs(url)[1])
+    total = 0
+    for folder, wanted in folders.items():
+        fsys, path = fs.to_fs(folder)
+        total += sum(int(info.get("size") or 0) for info in fsys.ls(path, detail=True) if info["name"] in wanted)
+    return total
 
 
 NAME = "ingest"
@@ -401,12 +533,14 @@ def run(ctx) -> None:
         if p.index in todo
     ]
     worker_kwargs = {"config": ctx.config.model_dump(mode="json")}
-    for result in map_items(IngestWorker, items, worker_kwargs=worker_kwargs, num_cpus=1):
+    progress = ctx.progress(total_bytes([item["url"] for item in items]), measure="bytes")
+    for result in map_items(IngestWorker, items, worker_kwargs=worker_kwargs, num_cpus=1, progress=progress):
         stats = {
             "samples": result["samples"],
             "kept": result["kept"],
-            "reasons": json.loads(result["reasons"]),
+            "reasons": result["reasons"],
             "shard_error": result["shard_error"] or None,
+            "input": result["input"],
         }
         if stats["shard_error"]:
             log.warning("%s", stats["shard_error"])

@@ -106,8 +106,12 @@ def teacher_embeddings(spec: dict, embedding_urls: dict[int, str]) -> dict[str, 
     return members
 
 
-def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls: dict[int, str] | None = None) -> tuple[int, int]:
-    """Write one output shard; returns (samples written, uid digest) as read back from the tar."""
+def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls: dict[int, str] | None = None,
+                progress=None) -> tuple[int, int]:
+    """Write one output shard; returns (samples written, uid digest) as read back from the tar.
+
+    `progress`, when given, is called with `samples=1` after each sample is written.
+    """
     teacher = teacher_embeddings(spec, embedding_urls) if embedding_urls else {}
     by_source: dict[str, list[dict]] = {}
     for sample in spec["samples"]:
@@ -133,6 +137,8 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls:
                         writer.add(f"{sample['uid']}.image_embedding.npy", image_npy)
                         if text_npy is not None:
                             writer.add(f"{sample['uid']}.text_embedding.npy", text_npy)
+                    if progress is not None:
+                        progress(samples=1)
         with tarfile.open(tmp_path, "r:") as check:
             written = {m.name.split(".", 1)[0] for m in check.getmembers()}
         expected = [s["uid"] for s in spec["samples"]]
@@ -148,10 +154,9 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls:
     return len(written), uid_digest(written)
 
 
-def write_shard_item(item: dict) -> dict:
-    spec = json.loads(item["spec"])  # nested plans travel as JSON, not as Arrow structs
-    embedding_urls = {int(k): v for k, v in json.loads(item["embeddings"]).items()}
-    count, digest = write_shard(spec, item["out"], item["read_block_bytes"], embedding_urls)
+def write_shard_item(item: dict, progress=None) -> dict:
+    spec = item["spec"]
+    count, digest = write_shard(spec, item["out"], item["read_block_bytes"], item["embeddings"], progress)
     return {"partition": spec["shard"], "count": count, "digest": str(digest)}
 
 
@@ -163,12 +168,13 @@ def run(ctx) -> None:
     todo = set(ctx.todo([spec["shard"] for spec in plan]))
     embedding_urls = {p.index: ctx.paths.stage_part("embed", p.index) for p in ctx.partitions} if ctx.config.write.embeddings else {}
     items = [
-        {"spec": json.dumps(spec), "out": ctx.paths.shard(spec["shard"]), "embeddings": json.dumps(embedding_urls),
+        {"spec": spec, "out": ctx.paths.shard(spec["shard"]), "embeddings": embedding_urls,
          "read_block_bytes": ctx.config.write.read_block_bytes}
         for spec in plan
         if spec["shard"] in todo
     ]
-    for result in map_items(write_shard_item, items, num_cpus=1):
+    progress = ctx.progress(sum(len(spec["samples"]) for spec in plan if spec["shard"] in todo))
+    for result in map_items(write_shard_item, items, num_cpus=1, progress=progress):
         ctx.partition_done(result["partition"], {"count": result["count"], "digest": result["digest"]})
     stats = ctx.record.counts.get("partitions", {})
     sizes = {os.path.basename(ctx.paths.shard(spec["shard"])): stats[str(spec["shard"])]["count"] for spec in plan}

@@ -167,7 +167,21 @@ def _layout(members: list[tuple[SamplePlan, list[tuple[str, bytes]]]]) -> list[t
     return head + body + tail
 
 
+def _same_bytes(path: str, data: bytes) -> bool:
+    try:
+        if os.path.getsize(path) != len(data):
+            return False
+        with open(path, "rb") as f:
+            return f.read() == data
+    except FileNotFoundError:
+        return False
+
+
 def _write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` by `data`, unless it already holds exactly these bytes: then the file and its
+    modification time stay as they are, so rendering the same pool again changes nothing on disk."""
+    if _same_bytes(path, data):
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)

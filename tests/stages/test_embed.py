@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipeline import models
-from pipeline.config import CurateConfig
+from pipeline.config import CurateConfig, UserError
 from pipeline.stages import embed
 from pipeline.stages.ingest import LanguageIdentifier, ingest_shard
 from tests.helpers import make_tar, read_metadata, run_config
@@ -428,7 +428,7 @@ def test_offline_without_weights_fails_before_any_work(pool, ray_local, tmp_path
     out = tmp_path / "out"
     config = run_config(folder, out, embed={"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
                         dfn={"model": "ViT-H-14-quickgelu", "pretrained": "dfn5b"})
-    with pytest.raises(models.WeightsUnavailableError) as caught:
+    with pytest.raises(UserError) as caught:
         run_pipeline(config)
     assert "ViT-B-32 / laion2b_s34b_b79k" in str(caught.value) and "ViT-H-14-quickgelu / dfn5b" in str(caught.value)
     assert "three ways" in str(caught.value)
