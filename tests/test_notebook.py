@@ -35,4 +35,6 @@ def test_runs_top_to_bottom(tmp_path, monkeypatch):
     assert len(images) >= 3, "the score histogram, the examples and the evaluation plot"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "input samples 300 = kept" in text
+    # Ray's tqdm.auto import and its widget check are silenced in the kernel (no ipywidgets here)
+    assert "IProgress" not in text and "ipywidgets" not in text
     assert (tmp_path / "work" / "eval" / "eval.json").exists()

@@ -53,6 +53,23 @@ def read_subset(url: str) -> set[str]:
 EMBEDDING_ARRAYS = {"b32": ("b32_img", "b32_txt"), "l14": ("l14_img", "l14_txt")}
 
 
+def write_metadata(parquet_url: str, table, arrays: dict[str, np.ndarray]) -> None:
+    """Write one DataComp metadata file: `table` as NAME.parquet and `arrays` as NAME.npz beside it,
+    row-aligned. The .npz goes first, so whoever finds the .parquet also finds its arrays."""
+    import pyarrow.parquet as pq
+
+    if not parquet_url.endswith(".parquet"):
+        raise ValueError(f"{parquet_url}: a DataComp metadata file is named NAME.parquet")
+    for name, values in arrays.items():
+        if len(values) != table.num_rows:
+            raise ValueError(f"{name} has {len(values)} rows, the table {table.num_rows}: they must be row-aligned")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fs.write_bytes_atomic(npz_url(parquet_url), buffer.getvalue())
+    with fs.atomic_open(parquet_url, "wb") as handle:
+        pq.write_table(table, handle)
+
+
 def uid_pairs(uids, where: str) -> np.ndarray:
     """The uids as SUBSET_DTYPE pairs; a uid that is not 32 hex digits is named in the error."""
     pairs = np.empty(len(uids), dtype=SUBSET_DTYPE)
