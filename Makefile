@@ -7,8 +7,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c $(LOCK)
-# The demo's run, as the demo's job file names it.
-DEMO_RUN := runs/quickstart
 
 .PHONY: install install-test demo test lock lock-check clean
 
@@ -32,11 +30,8 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(VENV)/bin/curate synth --out demo/pool --samples 2000 --seed 0
-	$(VENV)/bin/curate run --config jobs/quickstart.yaml
-	@echo
-	@echo "report: $(DEMO_RUN)/report.html"
-	@echo "ask the metadata: $(VENV)/bin/curate query $(DEMO_RUN) \"select drop_reason, count(*) as n from samples group by 1 order by n desc\""
-	@echo "(or 'source $(VENV)/bin/activate' once, then plain 'curate ...')"
+	$(PY) pipeline/curate.py --config jobs/quickstart.yaml
+	@echo "(the curate command is $(VENV)/bin/curate; 'source $(VENV)/bin/activate' puts it on the PATH)"
 
 # Two pytest workers, a test file each: about a quarter of a single run's time goes to waiting (Ray
 # scheduling, process starts), which the other worker fills. More workers than cores only contend.

@@ -1,22 +1,71 @@
 """The one typed job configuration: YAML file + dotted-key overrides, validated by pydantic.
 
 Every section forbids unknown keys, so a typo fails the run at start with the key's dotted name
-instead of being silently ignored for hours.
+instead of being silently ignored for hours. UserError, the base of ConfigError, is what every check
+of a user's request raises (the command line prints it as one line).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class ConfigError(ValueError):
-    """A job config that cannot be run; the message names the offending key."""
+class UserError(Exception):
+    """Something the user asked for that cannot be done (config, input, credentials, weights).
+
+    `curate` prints it as one line and exits 2, without a traceback: its message is one line that
+    names the file, key or URL to fix.
+    """
+
+
+def one_line(text: str) -> str:
+    """The first paragraph of an error message with its lines joined: DuckDB and Ray put context (the SQL
+    with a caret under it, a remote traceback) after a blank line."""
+    paragraph = text.strip().split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in paragraph.splitlines() if line.strip())
+
+
+class ConfigError(UserError, ValueError):
+    """A job config that cannot be run; the message names the offending key and where it was set."""
+
+
+# How to give a filesystem its credentials, by URL scheme.
+_CREDENTIALS_HELP = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE; AWS_ENDPOINT_URL for an "
+          "S3-compatible server)",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service account key file (or run `gcloud auth "
+          "application-default login`)",
+    "az": "set AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY)",
+}
+_SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az"}
+# Packages whose exceptions mean the storage behind a URL failed (fsspec's s3, gcs and azure backends).
+_STORAGE_PACKAGES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp"}
+
+
+def storage_error(key: str, url: str | list[str], exc: BaseException) -> UserError | None:
+    """`exc`, raised while reading `url` (the value of `key`), as a UserError that names both and says how
+    to get access; None when `exc` is not a storage failure."""
+    if not (isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_PACKAGES):
+        return None
+    urls = [url] if isinstance(url, str) else list(url)
+    shown = ", ".join(urls)
+    detail = one_line(f"{type(exc).__name__}: {exc}")
+    name = type(exc).__name__.lower()
+    if isinstance(exc, PermissionError) or "credential" in name or "authentication" in name:
+        scheme = urls[0].split("://", 1)[0] if "://" in urls[0] else "file"
+        if scheme == "file":
+            return UserError(f"{key} {shown}: no access ({detail}); check the path's permissions")
+        how = _CREDENTIALS_HELP.get(_SCHEME_FAMILY.get(scheme, scheme), f"give fsspec the credentials of {scheme}://")
+        return UserError(f"{key} {shown}: no access ({detail}); {how}, or point {key} at local files")
+    return UserError(f"{key} {shown}: cannot be read ({detail})")
 
 
 class Section(BaseModel):
@@ -190,8 +239,19 @@ class DedupConfig(Section):
 class ScoreFilterConfig(Section):
     """Keep score >= threshold, or the top fraction of the whole pool (ties by uid); null: off."""
 
-    threshold: float | None = Field(None, ge=-1, le=1)
-    fraction: float | None = Field(None, gt=0, le=1)
+    # One mode at a time: a command-line override of one replaces the other given by the job file.
+    MODES: ClassVar[tuple[str, ...]] = ("threshold", "fraction")
+
+    threshold: float | None = Field(
+        None, ge=-1, le=1,
+        description="Keep samples scoring >= this. Set on the command line, it replaces a fraction given by the "
+        "job file (unless fraction is overridden too).",
+    )
+    fraction: float | None = Field(
+        None, gt=0, le=1,
+        description="Keep this top fraction of the pool. Set on the command line, it replaces a threshold given "
+        "by the job file (unless threshold is overridden too).",
+    )
 
     @model_validator(mode="after")
     def _one_mode(self):
@@ -313,19 +373,65 @@ class CurateConfig(Section):
         return self
 
 
-def _format_errors(exc: ValidationError) -> str:
-    lines = []
+def _section_at(parts: typing.Sequence[str]) -> type[BaseModel] | None:
+    """The config section class at a dotted path (('select', 'clip') -> ScoreFilterConfig), None if there is none."""
+    section: type[BaseModel] = CurateConfig
+    for part in parts:
+        field = section.model_fields.get(part)
+        if field is None:
+            return None
+        candidates = (field.annotation, *typing.get_args(field.annotation))
+        found = [t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found:
+            return None
+        section = found[0]
+    return section
+
+
+def _did_you_mean(loc: tuple[str, ...]) -> str:
+    section = _section_at(loc[:-1])
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1) if section else []
+    return f"; did you mean {'.'.join((*loc[:-1], close[0]))}?" if close else ""
+
+
+def _source(loc: tuple[str, ...], path: str | None, overrides: list[str]) -> str:
+    """Where the value at `loc` came from: the last override on or under that key, else the job file."""
+    for text in reversed(overrides):
+        parts = tuple(parse_override(text)[0])
+        common = min(len(parts), len(loc))
+        if common and parts[:common] == loc[:common]:
+            return f"override {text}"
+    where = path or "the config"
+    if not loc and overrides:  # a rule across keys: the file and the overrides together
+        return f"{where} with overrides {' '.join(overrides)}"
+    return where
+
+
+def _format_errors(exc: ValidationError, path: str | None, overrides: list[str]) -> str:
+    """pydantic's errors as one line, each naming its key and where that key was set."""
+    messages = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        loc = tuple(str(part) for part in err["loc"])
+        key = ".".join(loc)
         if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (not in the config schema)")
+            problem = f"unknown key {key}{_did_you_mean(loc)}"
         elif err["type"] == "missing":
-            lines.append(f"{key}: required")
+            problem = f"{key}: required"
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{key}: {err['msg']}{shown}")
-    return "\n  ".join(lines)
+            shown = "" if isinstance(got, dict) or not loc else f" (got {got!r})"
+            message = err["msg"].removeprefix("Value error, ")
+            problem = f"{key}: {message}{shown}" if loc else message
+        messages.append(f"{_source(loc, path, overrides)}: {problem}")
+    return "; ".join(messages)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line, with its position."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -339,20 +445,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"override {text}: the value is not valid YAML: {_yaml_problem(exc)}") from exc
     return parts, value
 
 
+def _remove(data: dict, parts: list[str]) -> None:
+    node = data
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return
+    node.pop(parts[-1], None)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        parts, value = parse_override(text)
+    """Set each dotted key. Setting one mode of a score filter (select.dfn.fraction) drops the other
+    mode the file gave (select.dfn.threshold), unless that one is overridden as well."""
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    overridden = {tuple(parts) for _, parts, _ in parsed}
+    for _, parts, value in parsed:
+        section = _section_at(parts[:-1])
+        if value is None or section is None or parts[-1] not in getattr(section, "MODES", ()):
+            continue
+        for other in section.MODES:
+            if other != parts[-1] and (*parts[:-1], other) not in overridden:
+                _remove(data, [*parts[:-1], other])
+    for text, parts, value in parsed:
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(f"override {text}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return data
@@ -361,25 +486,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | None, overrides: list[str] = (), *, base: dict | None = None) -> CurateConfig:
     """Read a YAML job file (any fsspec URL), apply overrides, validate."""
     data: dict = dict(base or {})
-    source = path or "(overrides)"
     if path is not None:
         try:
             with fsspec.open(path, "r", encoding="utf-8") as f:
                 loaded = yaml.safe_load(f)
         except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} not found") from exc
+            raise ConfigError(f"{path}: config file not found") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            raise ConfigError(f"{path}: a job file holds a mapping of keys at the top level")
         data.update(loaded)
-    data = apply_overrides(data, list(overrides))
+    overrides = list(overrides)
+    data = apply_overrides(data, overrides)
     try:
         return CurateConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config {source}:\n  {_format_errors(exc)}") from exc
+        raise ConfigError(_format_errors(exc, path, overrides)) from exc
 
 
 def config_json_schema() -> dict:

@@ -1,6 +1,7 @@
-"""Job entry point: `python pipeline/curate.py --config jobs/X.yaml [KEY=VALUE ...]`.
+"""Job entry point: `python pipeline/curate.py [--debug] --config jobs/X.yaml [KEY=VALUE ...]`.
 
-Locally this starts an embedded Ray; under `ray job submit` it attaches to the cluster.
+The same as `curate run`: locally this starts an embedded Ray; under `ray job submit` it attaches to
+the cluster. An error is one `curate: ...` line (exit 2 for the user's own); --debug adds the traceback.
 """
 
 import os
@@ -18,9 +19,10 @@ except ModuleNotFoundError as missing:
         raise
     # Under `ray job submit`, `python` is whatever the head's PATH finds first, often not the
     # environment Curate is installed in.
-    sys.exit(f"{sys.executable} cannot import {missing.name!r}: run the job with the Python that has "
-             f"Curate installed (pip install -e . there), e.g. `ray job submit -- /path/to/venv/bin/python "
-             f"pipeline/curate.py ...`, or put that environment first on the cluster's PATH")
+    print(f"curate: {sys.executable} cannot import {missing.name!r}: run the job with the Python that has "
+          f"Curate installed (pip install -e . there), e.g. `ray job submit -- /path/to/venv/bin/python "
+          f"pipeline/curate.py ...`, or put that environment first on the cluster's PATH", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -692,10 +692,12 @@ def format_table(result: dict) -> str:
 # --- command line --------------------------------------------------------------------------------------
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """`curate eval`: register the subcommand on the `curate` parser's subparsers."""
+def add_eval_parser(subparsers, parents=()) -> argparse.ArgumentParser:
+    """`curate eval`: register the subcommand on the `curate` parser's subparsers (`parents`: the options
+    every subcommand shares)."""
     parser = subparsers.add_parser(
         "eval",
+        parents=list(parents),
         help="train the same small CLIP on curated subsets and on a random subset of equal size; compare",
         description="Train one open_clip model per arm and seed (open_clip's trainer, equal subset size and steps) "
                     "on each curated arm and on a uniformly random subset of the pool's trainable samples, then "
@@ -707,27 +709,34 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         help="a run directory or a DataComp subset file (.npy); repeat for more arms")
     parser.add_argument("--out", required=True, help="working and output directory (eval.json, checkpoints)")
     parser.add_argument("--heldout", default=None,
-                        help="a folder written by `curate synth --eval-set` (its classes/ and pairs/)")
+                        help="a folder written by `curate synth --eval-set` (its classes/ and pairs/); "
+                             "default: none, give --classes and --pairs")
     parser.add_argument("--classes", default=None,
-                        help="labelled images: an image folder (one folder per class) or shards with a class field")
-    parser.add_argument("--pairs", default=None, help="image-caption pairs: WebDataset shards")
+                        help="labelled images: an image folder (one folder per class) or shards with a class field "
+                             "(default: HELDOUT/classes)")
+    parser.add_argument("--pairs", default=None,
+                        help="image-caption pairs: WebDataset shards (default: HELDOUT/pairs)")
     parser.add_argument("--templates", default=None,
-                        help="a text file of zero-shot prompt templates, one per line with {} for the class name")
+                        help="a text file of zero-shot prompt templates, one per line with {} for the class name "
+                             "(default: the built-in templates)")
     parser.add_argument("--size", type=int, default=None, help="samples per arm (default: the smallest arm's size)")
     parser.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                        help="samples per training step (default: %(default)s)")
     parser.add_argument("--model", default=MODEL,
                         help="open_clip architecture, trained from scratch (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default: %(default)s)")
     parser.add_argument("--wd", type=float, default=DEFAULTS["wd"], help="weight decay (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="warmup steps (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="dataloader processes of the trainer")
+    parser.add_argument("--workers", type=int, default=DEFAULTS["workers"],
+                        help="dataloader processes of the trainer (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--keep-shards", action="store_true", help="keep each arm's materialised training shards")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
+    parser.add_argument("--keep-shards", action="store_true",
+                        help="keep each arm's materialised training shards (default: off, removed after training)")
     parser.add_argument("--no-report", action="store_true",
-                        help="do not copy the results into the run directories and their reports")
+                        help="do not copy the results into the run directories and their reports (default: off)")
     parser.set_defaults(func=cmd_eval)
     return parser
 

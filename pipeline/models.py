@@ -248,7 +248,7 @@ def _missing(spec: ModelSpec) -> list[str]:
                 missing.append(f"{need.what}: the hub repo {need.repo} has no {wanted}")
         except Exception as exc:  # no network, no such repo, gated repo
             missing.append(f"{need.what}: {wanted} of {need.repo} is not cached and the hub is unreachable "
-                           f"({type(exc).__name__}: {exc})")
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())})")
     if spec.kind == "tag" and not open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("hf_hub"):
         url = open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("url", "")
         cached = os.path.join(hf_cache_dir(), os.path.basename(url))
@@ -270,29 +270,30 @@ def _provide_help(section: str, spec: ModelSpec) -> str:
     repos = sorted({need.repo for need in _hub_weights(spec)}) or ["ORG/REPO"]
     repo = repos[0]
     return (
-        "Provide the weights in one of three ways:\n"
-        f"  1. a local checkpoint: set {section}.pretrained to a .safetensors or .bin state dict or an open_clip "
-        f"training checkpoint (.pt) of {spec.model.split(':', 1)[-1]};\n"
-        f"  2. pre-populate the Hugging Face cache: on a connected machine run `hf download {repo}` "
+        "provide the weights in one of three ways: "
+        f"(1) a local checkpoint: set {section}.pretrained to a .safetensors or .bin state dict or an open_clip "
+        f"training checkpoint (.pt) of {spec.model.split(':', 1)[-1]}; "
+        f"(2) pre-populate the Hugging Face cache: on a connected machine run `hf download {repo}` "
         f"(older huggingface_hub: `huggingface-cli download {repo}`) with HF_HOME set to a folder, copy that "
-        f"folder here and point HF_HOME at it (this run looks in {hf_cache_dir()});\n"
-        f"  3. name an hf-hub id whose files are already in that cache: {section}.model: hf-hub:{repo} and "
-        f"{section}.pretrained: null."
+        f"folder here and point HF_HOME at it (this run looks in {hf_cache_dir()}); "
+        f"(3) name an hf-hub id whose files are already in that cache: {section}.model: hf-hub:{repo} and "
+        f"{section}.pretrained: null"
     )
 
 
 def check_weights_available(specs: dict[str, ModelSpec]) -> None:
-    """Raise WeightsUnavailableError naming every model whose weights cannot be had, and how to provide them."""
+    """Raise WeightsUnavailableError naming every model whose weights cannot be had, and how to provide them.
+
+    The message is one line (the command line prints it as the run's one error line).
+    """
     problems = []
     for section, spec in specs.items():
         missing = _missing(spec)
         if missing:
-            problems.append(
-                f"{section} model {spec.label}: weights unavailable:\n    - " + "\n    - ".join(missing)
-                + "\n" + _provide_help(section, spec)
-            )
+            problems.append(f"{section} model {spec.label}: weights unavailable ({'; '.join(missing)}); "
+                            + _provide_help(section, spec))
     if problems:
-        raise WeightsUnavailableError("\n".join(problems))
+        raise WeightsUnavailableError(" | ".join(problems))
 
 
 def preflight(config) -> dict[str, ModelSpec]:

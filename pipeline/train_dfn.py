@@ -526,10 +526,12 @@ def evaluate_model(pool: str, model: str, pretrained: str | None, *, threads: in
 # --- command line ---------------------------------------------------------------------------------
 
 
-def add_train_dfn_parser(subparsers) -> argparse.ArgumentParser:
-    """`curate train-dfn`: register the subcommand on the `curate` parser's subparsers."""
+def add_train_dfn_parser(subparsers, parents=()) -> argparse.ArgumentParser:
+    """`curate train-dfn`: register the subcommand on the `curate` parser's subparsers (`parents`: the
+    options every subcommand shares)."""
     parser = subparsers.add_parser(
         "train-dfn",
+        parents=list(parents),
         help="train or fine-tune an open_clip model (a DFN scorer / embedder) on WebDataset shards",
         description="Train (or, with --pretrained, fine-tune) an open_clip model with open_clip's trainer "
                     "(open_clip_train) and write a checkpoint the embed stage loads by path.",
@@ -541,9 +543,11 @@ def add_train_dfn_parser(subparsers) -> argparse.ArgumentParser:
                              "e.g. curate-dfn-rn16-64")
     parser.add_argument("--out", required=True,
                         help="where to write the weights: .safetensors (weights only) or .pt (training checkpoint)")
-    parser.add_argument("--pretrained", default=None, help="checkpoint path or open_clip tag to fine-tune from")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="default: %(default)s")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default: %(default)s")
+    parser.add_argument("--pretrained", default=None,
+                        help="checkpoint path or open_clip tag to fine-tune from (default: none, train from scratch)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the shards (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                        help="samples per training step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"peak learning rate (default: {DEFAULTS['lr']:g} from scratch, "
                              f"{FINETUNE_LR:g} fine-tuning)")
@@ -551,15 +555,20 @@ def add_train_dfn_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="warmup steps (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="force this input size (default: the config's)")
     parser.add_argument("--samples", type=int, default=None, help="samples per epoch (default: all in the shards)")
-    parser.add_argument("--workers", type=int, default=1, help="dataloader processes")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--workers", type=int, default=1, help="dataloader processes (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     parser.add_argument("--precision", default=None, help="open_clip precision (default: fp32 on CPU, amp on GPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of the trainer (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fp32", action="store_true", help="keep float32 weights in a .safetensors output")
-    parser.add_argument("--logs", default=None, help="keep the trainer's logs and checkpoints in this folder")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="open_clip_train's --seed (default: %(default)s)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="keep float32 weights in a .safetensors output (default: off, float16)")
+    parser.add_argument("--logs", default=None,
+                        help="keep the trainer's logs and checkpoints in this folder (default: a temporary folder, removed "
+                             "after success)")
     parser.add_argument("--trainer-args", default="",
-                        help="more open_clip_train arguments, one shell-quoted string, e.g. \"--grad-clip-norm 1\"")
+                        help="more open_clip_train arguments, one shell-quoted string, e.g. \"--grad-clip-norm 1\" "
+                             "(default: none)")
     parser.set_defaults(func=cmd_train_dfn)
     return parser
 

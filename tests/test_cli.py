@@ -31,7 +31,7 @@ def test_query_csv_joins_duplicates_to_the_sample_they_point_at(run_dir, capsys)
 
 
 def test_bad_sql_is_an_error_not_a_traceback(run_dir, capsys):
-    assert main(["query", str(run_dir), "select nope from samples"]) == 1
+    assert main(["query", str(run_dir), "select nope from samples"]) == 2
     assert "query failed" in capsys.readouterr().err
 
 

@@ -44,7 +44,7 @@ def test_bad_keys_and_values_are_rejected_naming_the_key(tmp_path, overrides, na
 
 
 def test_unknown_key_in_the_file_is_rejected(tmp_path):
-    with pytest.raises(ConfigError, match=r"ingest\.max_pixels: unknown key"):
+    with pytest.raises(ConfigError, match=r"job\.yaml: unknown key ingest\.max_pixels"):
         load_config(write(tmp_path, "input: p\noutput: o\ningest:\n  max_pixels: 5\n"))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import UserError
 from pipeline.runner import run_pipeline
 from tests.helpers import jpeg_bytes, link, make_tar, png_header_only, read_metadata, run_config, shard_members
 
@@ -183,7 +184,7 @@ def test_hostile_and_broken_shards_end_in_metadata_and_nothing_escapes(tmp_path)
 
 
 def test_missing_input_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         run_pipeline(run_config(tmp_path / "nope", tmp_path / "out"))
 
 

@@ -12,12 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import UserError
 from pipeline.io import fs
 from pipeline.io.parquet import read_table
 
 
-class ReferenceRunError(ValueError):
-    pass
+class ReferenceRunError(UserError, ValueError):
+    """The run named by `reference` cannot be topped up: not a finished run, or missing what dedup needs."""
+
+
+class NotARunError(UserError, FileNotFoundError):
+    """A URL given as a run (to query, report or reference) holds no run."""
 
 
 @dataclass(frozen=True)

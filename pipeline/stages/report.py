@@ -165,7 +165,8 @@ def _render_section(section: Section, inputs: ReportInputs) -> str:
     try:
         fragment = section.build(inputs)
     except Missing as why:
-        log.info("report: section %s skipped: %s", section.id, why)
+        # The page says why in full; the log, at debug level, only the first sentence.
+        log.debug("report: section %s not shown: %s", section.id, str(why).split(". ")[0])
         return (f'<section id="{esc(section.id)}" class="skipped"><h2>{esc(section.title)}</h2>'
                 f'<p class="note">Not shown: {esc(why)}.</p></section>')
     return f'<section id="{esc(section.id)}"><h2>{esc(section.title)}</h2>\n{fragment}\n</section>'
@@ -763,22 +764,20 @@ def _settings_summary(inputs: ReportInputs) -> list[tuple[str, str]]:
 
 # -- command line ------------------------------------------------------------------------------
 
-def add_report_parser(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="(re)write a run's report.html")
+def add_report_parser(subparsers, parents=()) -> None:
+    """`curate report`; `parents` carry the options every subcommand shares."""
+    parser = subparsers.add_parser("report", parents=list(parents), help="(re)write a run's report.html")
     parser.add_argument("run_dir", help="the run's output directory or URL")
     parser.add_argument("--out", help="where to write the report (default: RUN_DIR/report.html; any fsspec URL)")
-    parser.add_argument("--examples-per-reason", type=int, default=8, help="example samples shown per drop reason")
-    parser.add_argument("--thumb-px", type=int, default=160, help="longest side of the embedded thumbnails")
+    parser.add_argument("--examples-per-reason", type=int, default=8,
+                        help="example samples shown per drop reason (default: %(default)s)")
+    parser.add_argument("--thumb-px", type=int, default=160,
+                        help="longest side of the embedded thumbnails, in pixels (default: %(default)s)")
     parser.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args) -> int:
-    import sys
-
-    run_dir = args.run_dir.rstrip("/")
-    if not fs.exists(fs.join(run_dir, "manifest.json")) and not fs.list_files(fs.join(run_dir, "metadata"), ".parquet"):
-        print(f"curate: {run_dir} is not a run (no manifest.json, no metadata/)", file=sys.stderr)
-        return 1
+    run_dir = args.run_dir.rstrip("/")  # a URL that is no run: build_report raises NotARunError
     out = args.out or fs.join(run_dir, "report.html")
     page = build_report(run_dir, examples_per_reason=args.examples_per_reason, thumb_px=args.thumb_px).encode("utf-8")
     fs.write_bytes_atomic(out, page)

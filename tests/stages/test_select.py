@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import UserError
 from pipeline.runner import run_pipeline
-from pipeline.stages.select import SelectError
 from tests.helpers import read_metadata, run_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -103,7 +103,7 @@ def test_sql_predicate_is_the_last_step(base):
 
 def test_a_bad_predicate_fails_before_any_work(synth_pool, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(SelectError, match="no_such_column"):
+    with pytest.raises(UserError, match="no_such_column"):
         run_pipeline(run_config(synth_pool, out, select={"where": "no_such_column > 3"}))
     assert not out.exists()
 
