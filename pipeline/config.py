@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import posixpath
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -365,12 +367,53 @@ class CurateConfig(Section):
 
     @model_validator(mode="after")
     def _output_not_input(self):
+        """A run clears its output's stage folders before writing, so an output that is, holds or lies in
+        the input would delete the pool; compared by resolved location, not by spelling."""
         inputs = [self.input] if isinstance(self.input, str) else self.input
-        if any(str(self.output).rstrip("/") == str(i).rstrip("/") for i in inputs):
-            raise ValueError("output must differ from input")
-        if self.reference is not None and self.reference.rstrip("/") == self.output.rstrip("/"):
+        output = _location(self.output)
+        for given in inputs:
+            how = _overlap(output, _location(str(given)))
+            if how:
+                raise ValueError(f"output {self.output} and input {given} overlap ({how}): "
+                                 "a run must not write where it reads")
+        if self.reference is not None and _location(self.reference) == output:
             raise ValueError("reference must be an earlier run, not this run's output")
         return self
+
+
+# Where a glob or brace pattern starts: the directory before it is the location the pattern reads.
+_PATTERN_CHARS = "*?[{"
+
+
+def _location(url: str) -> tuple[str, tuple[str, ...]]:
+    """(filesystem, path parts) of where a URL points: a local path through symlinks and '..'
+    (os.path.realpath), an fsspec URL as its normalised bucket/key; a pattern as its fixed directory."""
+    starts = [url.find(c) for c in _PATTERN_CHARS if c in url]
+    if starts:
+        head = url[: min(starts)]
+        url = head.rsplit("/", 1)[0] if "/" in head else "."
+        url = url or "/"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() != "file":
+        scheme = scheme.lower()
+        key = posixpath.normpath("/" + rest)
+        return _SCHEME_FAMILY.get(scheme, scheme), tuple(part for part in key.split("/") if part)
+    local = rest if sep else url
+    return "file", Path(os.path.realpath(os.path.expanduser(local))).parts
+
+
+def _overlap(output: tuple[str, tuple[str, ...]], given: tuple[str, tuple[str, ...]]) -> str | None:
+    """How two locations overlap ('the same location', 'output inside input', 'input inside output'), or None."""
+    (out_fs, out_parts), (in_fs, in_parts) = output, given
+    if out_fs != in_fs:
+        return None
+    if out_parts == in_parts:
+        return "the same location"
+    if out_parts[: len(in_parts)] == in_parts:
+        return "output inside input"
+    if in_parts[: len(out_parts)] == out_parts:
+        return "input inside output"
+    return None
 
 
 def _section_at(parts: typing.Sequence[str]) -> type[BaseModel] | None:

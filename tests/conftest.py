@@ -24,3 +24,11 @@ def synth_pool(tmp_path_factory):
     synthesize(str(out), samples=600, seed=7, shard_size=150)
     return out
 
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask set to 022 for one test (the usual one), then restored."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import ConfigError, apply_overrides, config_json_schema, load_config
 from pipeline.schema import metadata_schema_json
+from tests.helpers import jpeg_bytes, make_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +61,68 @@ def test_override_into_a_scalar_is_an_error():
 
 
 def test_output_must_differ_from_input(tmp_path):
-    with pytest.raises(ConfigError, match="output must differ"):
+    with pytest.raises(ConfigError, match="overlap"):
         load_config(write(tmp_path, "input: pool/\noutput: pool\n"))
+
+
+def _refusal(input_url, output_url) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"input={input_url}", f"output={output_url}"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"output {output_url}" in message and f"input {input_url}" in message
+    return message
+
+
+def test_output_spelt_differently_from_the_same_pool_is_refused(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    assert "the same location" in _refusal(pool, f"{pool}/../pool")
+
+
+def test_input_inside_output_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    assert "input inside output" in _refusal(run / "shards", run)
+
+
+def test_output_inside_input_is_refused(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    assert "output inside input" in _refusal(pool, pool / "run")
+    assert "output inside input" in _refusal(f"{pool}/*.tar", pool / "run")
+
+
+def test_output_through_a_symlink_to_the_pool_is_refused(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (tmp_path / "alias").symlink_to(pool, target_is_directory=True)
+    assert "the same location" in _refusal(pool, tmp_path / "alias")
+    assert "output inside input" in _refusal(pool, tmp_path / "alias" / "run")
+
+
+def test_unrelated_input_and_output_are_allowed(tmp_path):
+    (tmp_path / "pool").mkdir()
+    config = load_config(None, [f"input={tmp_path / 'pool'}", f"output={tmp_path / 'pool-run'}"])
+    assert config.output == str(tmp_path / "pool-run")
+    load_config(None, ["input=s3://b/pool", "output=s3://b/runs/r1"])
+
+
+def test_url_output_inside_url_input_is_refused():
+    assert "output inside input" in _refusal("s3://b/pool", "s3://b/pool/run")
+    assert "output inside input" in _refusal("s3://b/pool/", "s3://b//pool/./run/")
+
+
+def test_run_into_its_own_pool_deletes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    shard = run / "shards" / "00000000.tar"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(make_tar([("a.jpg", jpeg_bytes()), ("a.txt", b"a red square on white")]))
+    before = shard.read_bytes()
+    job = write(tmp_path, "input: pool\noutput: out\n")
+    assert main(["run", "--config", job, f"input={run / 'shards'}", f"output={run}"]) == 2
+    assert "input inside output" in capsys.readouterr().err
+    assert shard.read_bytes() == before
 
 
 def test_every_job_file_is_valid():

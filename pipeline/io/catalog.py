@@ -45,6 +45,12 @@ where l.duplicate_of is null or c.hops = {MAX_HOPS}
 """
 
 
+def _sql_string(text: str) -> str:
+    """`text` as a SQL string literal (quotes doubled): a view stores its SQL, so a path cannot be a
+    bound parameter there, and a path may hold an apostrophe."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _view_sources(run_url: str) -> dict[str, str]:
     """view name -> parquet glob, for the views whose files exist."""
     sources = {}
@@ -64,7 +70,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, run_url: str) -> list[str]:
     sources = _view_sources(run_url)
     for view, glob in sources.items():
         source = glob if fs.has_protocol(glob) else os.path.abspath(glob)
-        con.execute(f"create view {view} as select * from read_parquet('{source}', union_by_name = true)")
+        con.execute(f"create view {view} as select * from read_parquet({_sql_string(source)}, union_by_name = true)")
     views = sorted(sources)
     if "samples" in sources:
         con.execute(DUPLICATES_VIEW)

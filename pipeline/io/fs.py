@@ -49,9 +49,9 @@ def resolve_files(spec: str | list[str], suffix: str, what: str = "path") -> lis
         for expanded in braceexpand.braceexpand(pattern):
             fs, path = to_fs(expanded)
             if _GLOB_CHARS & set(path):
-                matches = fs.glob(path)
+                matches = _glob_files(fs, path)
             elif fs.isdir(path):
-                matches = fs.glob(posixpath.join(path.rstrip("/"), f"*{suffix}"))
+                matches = _glob_files(fs, posixpath.join(path.rstrip("/"), f"*{suffix}"))
             elif fs.exists(path):
                 matches = [path]
             else:
@@ -59,6 +59,11 @@ def resolve_files(spec: str | list[str], suffix: str, what: str = "path") -> lis
             found.update(_with_protocol_like(expanded, fs, m) for m in matches if m.endswith(suffix))
     # local paths are made absolute so the manifest's URLs work from any directory
     return sorted(u if has_protocol(u) else os.path.abspath(u) for u in found)
+
+
+def _glob_files(fs, pattern: str) -> list[str]:
+    """The files a glob matches: a directory named like a shard (`x.tar/`) is none."""
+    return [path for path, info in fs.glob(pattern, detail=True).items() if info["type"] == "file"]
 
 
 def shard_names(urls: list[str]) -> list[str]:

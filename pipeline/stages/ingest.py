@@ -32,7 +32,7 @@ from pipeline.io.tar import TarMember, TarShardError, iter_tar_members
 from pipeline.schema import INGEST_SCHEMA
 
 log = logging.getLogger("curate")
-_HEX_UID = re.compile(r"^[0-9a-fA-F]{32}$")
+_HEX_UID = re.compile(r"[0-9a-fA-F]{32}")  # used with fullmatch: "$" would also accept a trailing newline
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 # Precedence among ingest problems when a sample has several (pipeline.reasons order).
 _INGEST_ORDER = ("unsafe_member", "truncated", "oversize_member")
@@ -133,7 +133,7 @@ def _int_or_none(value) -> int | None:
 
 def _derive_uid(meta: dict, url: str | None, caption_raw: bytes | None, shard: str, key: str) -> tuple[str, str]:
     uid = meta.get("uid")
-    if isinstance(uid, str) and _HEX_UID.match(uid):
+    if isinstance(uid, str) and _HEX_UID.fullmatch(uid):
         return uid.lower(), "json"
     if url:
         digest = hashlib.blake2b(b"url-caption\n" + url.encode() + b"\n" + (caption_raw or b""), digest_size=16)

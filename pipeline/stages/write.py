@@ -15,6 +15,7 @@ import math
 import os
 import tarfile
 import tempfile
+import uuid
 
 import numpy as np
 
@@ -119,10 +120,11 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls:
     local_dir = os.path.dirname(out_url) if not fs.has_protocol(out_url) else None
     if local_dir:
         os.makedirs(local_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=local_dir, prefix=".tmp-", suffix=".tar", delete=False) as tmp:
-        tmp_path = tmp.name
+    # Not tempfile's files: those are created 0600, and os.replace would keep that mode on the shard.
+    # A plain exclusive open gives the mode any file gets (0666 less the umask).
+    tmp_path = os.path.join(local_dir or tempfile.gettempdir(), f".tmp-{uuid.uuid4().hex}.tar")
     try:
-        with open(tmp_path, "wb") as handle, TarWriter(handle) as writer:
+        with open(tmp_path, "xb") as handle, TarWriter(handle) as writer:
             for source, samples in by_source.items():
                 fetched = fetch_members(source, samples, block_size=read_block_bytes)
                 for sample, members in zip(samples, fetched):  # pool order within the shard

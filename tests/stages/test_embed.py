@@ -128,7 +128,7 @@ def worker():
 def one_shard(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one_shard")
     specs = write_pool(folder, [list(range(24))])
-    config = run_config(folder, folder / "out", embed={"model": TINY})
+    config = run_config(folder, tmp_path_factory.mktemp("one_shard_run") / "out", embed={"model": TINY})
     return folder / "00000000.tar", specs, ingested(folder / "00000000.tar", config)
 
 

@@ -52,6 +52,15 @@ def test_uid_derivation_is_deterministic_and_distinguishes_sources(langid):
     assert len(rows["a"]["uid"]) == 32 and rows["a"]["uid"] != rows["b"]["uid"]
 
 
+def test_json_uid_with_a_trailing_newline_is_not_taken(langid):
+    hex_uid = "0123456789abcdef0123456789abcdef"
+    meta = {"uid": hex_uid + "\n", "url": "http://x/a.jpg"}
+    rows, _ = ingest(make_tar([("a.jpg", jpeg_bytes()), ("a.txt", CAPTION), ("a.json", json.dumps(meta).encode())]), langid)
+    row = rows["a"]
+    assert row["uid_source"] == "url_caption"
+    assert row["uid"] not in (hex_uid, hex_uid + "\n") and len(row["uid"]) == 32
+
+
 def test_members_need_not_be_adjacent(langid):
     tar = make_tar([
         ("a.jpg", jpeg_bytes()), ("b.jpg", jpeg_bytes(colour=(0, 0, 200))), ("b.txt", CAPTION),

@@ -1,5 +1,6 @@
 import hashlib
 import io
+import stat
 import tarfile
 
 import pytest
@@ -56,3 +57,10 @@ def test_write_shard_refuses_a_source_that_changed(tmp_path):
     with pytest.raises(WriteError, match=f"sample {'ab' * 16}"):
         write_shard({"shard": 0, "samples": [sample]}, str(out), 1 << 16)
     assert not out.exists() and not list(out.parent.iterdir())
+
+
+def test_written_shard_has_the_mode_of_an_ordinary_file(tmp_path, umask_022):
+    sample, _ = _source(tmp_path)
+    out = tmp_path / "out" / "00000000.tar"
+    write_shard({"shard": 0, "samples": [sample]}, str(out), 1 << 16)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
