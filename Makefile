@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	@# an existing environment is updated, not recreated (python3 may now be another interpreter)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@echo "installing Curate's runtime dependencies into $(VENV) (about 3 minutes; 5.6 GB, 4 GB of them torch's CUDA libraries)"
+	@echo "installing Curate's runtime dependencies into $(VENV) (about 3 minutes; 6.5 GB, 4 GB of them torch's CUDA libraries)"
 	$(PIP) -e .
 	$(PY) requirements/check_lock.py --installed
 	touch $@
