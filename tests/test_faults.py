@@ -21,7 +21,7 @@ from pipeline.runner import run_pipeline
 from tests.helpers import WITHOUT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARD_SIZE = 8  # many small output shards, so the write stage is killable mid-way
+SHARD_SIZE = 3  # many small output shards, so the write stage outlasts the manifest's 2 s save throttle
 # The quickstart job without its model (the embedding stage's own resume is tested in
 # tests/stages/test_embed.py).
 OVERRIDES = [f"write.shard_size={SHARD_SIZE}", *WITHOUT_MODEL]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,10 @@ def write_datacomp_metadata(pool_dir: str, *, out_dir: str | None = None, model:
         raise FileNotFoundError(f"{pool_dir}: no .tar shards to describe")
     out = Path(out_dir) if out_dir is not None else Path(pool_dir) / METADATA_DIR
     out.mkdir(parents=True, exist_ok=True)
-    config = CurateConfig.model_validate({"input": str(pool_dir), "output": str(out),
+    # The embed settings come from a job config; its output is required by the schema but never written here
+    # (and may not lie inside the pool it reads).
+    unused_output = os.path.join(tempfile.gettempdir(), "curate-datacomp-metadata-unused")
+    config = CurateConfig.model_validate({"input": str(pool_dir), "output": unused_output,
                                           "embed": {"model": model, "pretrained": pretrained}})
     specs = models.preflight(config)
     worker = embed.EmbedWorker({"embed": vars(specs["embed"])}, "cpu", "fp32", threads or (os.cpu_count() or 1),
