@@ -88,3 +88,29 @@ def shard_members(run_dir) -> list[str]:
         with tarfile.open(shard) as archive:
             names.extend(archive.getnames())
     return names
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_loopback_server(command: list[str], port: int, what: str, timeout_s: float = 30.0):
+    """Start a test server (a subprocess listening on 127.0.0.1:port) and wait until it accepts
+    connections; returns the process (the caller kills it). Raises RuntimeError naming `what`."""
+    import socket
+    import subprocess
+    import time
+
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}")

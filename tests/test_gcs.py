@@ -3,35 +3,25 @@ through the same fsspec code path as s3:// (gcsfs, the `gcs` extra)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import WITHOUT_MODEL
+from tests.helpers import WITHOUT_MODEL, free_port, start_loopback_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "curate-gcs-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs_env(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     data = tmp_path_factory.mktemp("gcs-data")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "--data-dir", str(data), "start", "--host", "127.0.0.1",
-         "--port", str(port), "--default-bucket", BUCKET, "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-m", "gcp_storage_emulator", "--data-dir", str(data), "start", "--host", "127.0.0.1",
+               "--port", str(port), "--default-bucket", BUCKET, "--quiet"]
+    server = start_loopback_server(command, port, "the GCS emulator")
     env = {
         **os.environ,
         # gcsfs sends every request to the emulator when this is set; anonymous access (no credentials)
@@ -42,15 +32,6 @@ def gcs_env(tmp_path_factory):
         "FSSPEC_GS_TOKEN": "anon",
         "RAY_AUTH_MODE": "disabled",
     }
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("the GCS emulator did not start")
     try:
         yield env
     finally:

@@ -2,29 +2,23 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port, start_loopback_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "curate-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = start_loopback_server(command, port, "moto server")
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -33,15 +27,6 @@ def s3_env():
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "RAY_AUTH_MODE": "disabled",
     }
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("moto server did not start")
     try:
         yield env
     finally:
