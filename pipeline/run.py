@@ -91,14 +91,14 @@ class RunContext:
     reference: object = None  # pipeline.io.reference.Reference of an incremental run
     _done_now: int = 0  # partitions finished in this run (not an earlier, interrupted one)
     _samples_now: int = 0
-    _progress: object = None  # the stage's pipeline.ray_adapter.Progress, when it has one
+    _progress: object = None  # the stage's pipeline.ray_progress.Progress, when it has one
     _logged_at: float = 0.0
 
     def progress(self, total: int, measure: str = "samples"):
         """A tracker of the work inside this stage's partitions, for map_items / map_prepared:
         workers report counts in `measure` (of which `total` is to be done), the driver logs totals,
         rate and ETA every few seconds, and counts the finished partitions in those lines."""
-        from pipeline.ray_adapter import Progress
+        from pipeline.ray_progress import Progress
 
         self._progress = Progress(self.stage_name, total, measure=measure,
                                   partitions=self.record.counts.get("partitions_total", 0),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ray_adapter
+from pipeline import ray_adapter, ray_progress
 from pipeline.config import CurateConfig, load_config
 from pipeline.runner import run_pipeline
 from pipeline.stages.ingest import DigestingReader, LanguageIdentifier, ingest_shard
@@ -53,13 +53,13 @@ def test_the_ingest_core_reports_through_a_plain_callback_without_ray(tmp_path):
 
 
 def test_a_progress_line_gives_done_total_rate_and_eta():
-    progress = ray_adapter.Progress("embed", 1890, every_s=10, partitions=4, partitions_done=2)
+    progress = ray_progress.Progress("embed", 1890, every_s=10, partitions=4, partitions_done=2)
     assert progress.line({"counts": {}, "first": {}, "seconds": 0.0}) == \
         "embed: 0/1,890 samples (0%), 2/4 partitions, waiting for the first results"
     # the rate counts from the first report on: 712 samples in 23 s
     assert progress.line({"counts": {"samples": 812}, "first": {"samples": 100}, "seconds": 23.0}) == \
         "embed: 812/1,890 samples (43%), 2/4 partitions, 31 samples/s, ETA 35s"
-    ingest = ray_adapter.Progress("ingest", 120_000_000, every_s=10, measure="bytes")
+    ingest = ray_progress.Progress("ingest", 120_000_000, every_s=10, measure="bytes")
     assert ingest.line({"counts": {"bytes": 45_000_000, "samples": 410}, "first": {"bytes": 5_000_000, "samples": 40},
                         "seconds": 10.0}) == "ingest: 45.0/120.0 MB (38%), 410 samples, 37 samples/s, ETA 19s"
 
