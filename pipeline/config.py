@@ -81,6 +81,12 @@ class RayConfig(Section):
         "embedded local Ray. 'local': always embedded. Anything else: that cluster.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded Ray (default: all).")
+    rows_per_bucket: int = Field(
+        1_000_000, ge=1,
+        description="Keyed records per shuffle bucket in dedup's and select's global steps: bounds what one task "
+        "holds (about 100 bytes a record; pHash dedup makes one record per sample and index table). Results do "
+        "not depend on it.",
+    )
 
 
 class IngestConfig(Section):
@@ -346,16 +352,11 @@ class CurateConfig(Section):
 
     @model_validator(mode="after")
     def _steps_have_their_inputs(self):
-        if not self.embed.enabled:
-            needs = [name for name, on in [
-                ("dedup.semantic", self.dedup.semantic),
-                ("select.clip", self.select.clip.enabled),
-                ("select.dbp", self.select.dbp.enabled),
-            ] if on]
-            if needs:
-                raise ValueError(f"{', '.join(needs)}: requires image embeddings, set embed.model or embed.provided")
-        if self.write.embeddings and not self.embed.enabled:
-            raise ValueError("write.embeddings: requires image embeddings, set embed.model or embed.provided")
+        """An option whose stage reads a stage that is off (from the stages' declarations)."""
+        from pipeline.stages import missing_inputs
+
+        for stage, options in missing_inputs(self).items():
+            raise ValueError(f"{', '.join(options)}: {_MISSING_STAGE.get(stage, f'requires the {stage} stage')}")
         provided = self.embed.provided
         if provided is not None and self.dfn.model is not None:
             raise ValueError("dfn.model with embed.provided: the DFN scorer runs inside a model pass; "
@@ -383,6 +384,10 @@ class CurateConfig(Section):
 
 # Where a glob or brace pattern starts: the directory before it is the location the pattern reads.
 _PATTERN_CHARS = "*?[{"
+
+
+# What to tell a user whose option needs a stage that is off.
+_MISSING_STAGE = {"embed": "requires image embeddings, set embed.model or embed.provided"}
 
 
 def _location(url: str) -> tuple[str, tuple[str, ...]]:

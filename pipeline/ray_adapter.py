@@ -132,14 +132,29 @@ def _quiet_data_context() -> None:
 
 
 def cluster_cpus() -> float:
-    return float(ray.cluster_resources().get("CPU", 1.0))
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def gpus_per_worker(resources) -> float:
+    """The GPUs a worker of a stage declaring `resources` (pipeline.stages.Resources) asks for:
+    its declared share where the cluster has GPUs, none (the CPU path) where it has none."""
+    wanted = float(getattr(resources, "gpus", 0.0) or 0.0)
+    return wanted if wanted and cluster_gpus() >= wanted else 0.0
+
+
 # --- running work items ----------------------------------------------------------------------------
+
+
+def _capacity(num_cpus: float, num_gpus: float, wanted: int) -> int:
+    """How many workers asking for `num_cpus` / `num_gpus` to start at once: as many as the
+    cluster holds now, or, on a cluster that holds none yet (an autoscaling cluster starts with
+    no workers), every one wanted, so that the autoscaler sees the whole demand and adds nodes."""
+    capacity = int(cluster_gpus() // num_gpus) if num_gpus else int(cluster_cpus() // max(num_cpus, 1e-3))
+    return capacity if capacity >= 1 else wanted
 
 
 def map_items(
@@ -166,8 +181,7 @@ def map_items(
     """
     if not items:
         return
-    capacity = int(cluster_gpus() // num_gpus) if num_gpus else int(cluster_cpus() // max(num_cpus, 1e-3))
-    size = max(1, min(len(items), capacity, max_workers or len(items)))
+    size = max(1, min(len(items), _capacity(num_cpus, num_gpus, len(items)), max_workers or len(items)))
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus:
         options["num_gpus"] = num_gpus
@@ -239,13 +253,16 @@ def group_map(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     num_partitions: int | None = None,
+    then: tuple[str, Callable] | None = None,
 ) -> Iterator[dict]:
     """Shuffle rows by `key` and run `per_group` on each group, in parallel.
 
     `emit(item)` returns a batch (dict of numpy arrays, 2-D arrays allowed) for one work item;
     Ray Data hash-partitions the rows by `key` and calls `per_group(batch)` once per distinct key
-    with all of that key's rows. Yields the result batches as they complete. No process ever
-    holds more than the groups it was given.
+    with all of that key's rows. With `then=(key2, fn)` the results are shuffled again by `key2`
+    and `fn(table)` (an Arrow table) runs once per value of it (to route results home to their
+    partition). Yields the last step's result batches as they complete. No process ever holds
+    more than the groups it was given.
     """
     if not items:
         return
@@ -262,13 +279,80 @@ def group_map(
     groups = dataset.groupby(key, num_partitions=num_partitions).map_groups(
         per_group, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus or None
     )
+    if then is not None:
+        groups = groups.groupby(then[0], num_partitions=num_partitions).map_groups(
+            then[1], batch_format="pyarrow", num_cpus=min(num_cpus, 0.5))
     yield from groups.iter_batches(batch_format="numpy", batch_size=None)
 
 
 def run_remote(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0, **kwargs):
-    """Run one global step as a Ray task (not in the driver) and wait for its result."""
+    """Run one step as a Ray task (not in the driver) and wait for its result. Object references
+    among `args` (from map_to_refs or shuffle_map) arrive in the task as their values."""
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3)(fn)
-    return ray.get(task.remote(*args, **kwargs))
+    return _get(task.remote(*args, **kwargs))
+
+
+# --- global steps: keyed records, shuffled by Ray Data -------------------------------------------
+
+
+def map_to_refs(fn: Callable[..., Any], items: list[dict], *, kwargs: dict | None = None,
+                num_cpus: float = 1.0) -> Iterator[tuple[dict, Any, int]]:
+    """Run `fn(item, **kwargs)` (which returns an Arrow table) as Ray tasks and yield `(item,
+    reference to the table, its row count)` as each finishes. The tables stay in the object store
+    (the driver holds only references and counts), for shuffle_map or run_remote to consume; a
+    task's exception is raised here."""
+    if not items:
+        return
+    task = ray.remote(_table_and_rows).options(num_cpus=num_cpus, max_retries=3, num_returns=2,
+                                               name=getattr(fn, "__name__", "task"))
+    size = max(1, min(len(items), _capacity(num_cpus, 0, len(items))))
+    todo = iter(items)
+    running: dict = {}  # row-count ref -> (item, table ref)
+
+    def start(item: dict) -> None:
+        table_ref, rows_ref = task.remote(fn, item, kwargs or {})
+        running[rows_ref] = (item, table_ref)
+
+    for item in itertools.islice(todo, size):
+        start(item)
+    try:
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            item, table_ref = running.pop(ref)
+            nxt = next(todo, None)
+            if nxt is not None:
+                start(nxt)
+            yield item, table_ref, _get(ref)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+
+
+def _table_and_rows(fn: Callable, item: dict, kwargs: dict):
+    table = fn(item, **kwargs)
+    return table, table.num_rows
+
+
+def shuffle_map(refs: list, key: str, fn: Callable, *, partitions: int, num_cpus: float = 1.0,
+                num_gpus: float = 0.0) -> list:
+    """Ray Data hash-partitions the Arrow record tables behind `refs` by the column `key` and calls
+    `fn(table)` once per distinct key value with all of its rows; returns references to the
+    result tables. `partitions` bounds how many keys' rows a task holds at once: with one key
+    value per bucket of rows, a task holds about one bucket."""
+    if not refs:
+        return []
+    _quiet_data_context()
+    dataset = ray.data.from_arrow_refs(list(refs))
+    if len(refs) <= SORT_SHUFFLE_MAX_BLOCKS:
+        dataset.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    grouped = dataset.groupby(key, num_partitions=max(1, partitions)).map_groups(
+        fn, batch_format="pyarrow", num_cpus=num_cpus, num_gpus=num_gpus or None)
+    return list(grouped.materialize().to_arrow_refs())
+
+
+def fetch(refs: list) -> list:
+    """The values behind references (small results: per-partition summaries)."""
+    return [_get(ref) for ref in refs]
 
 
 def _get(ref):
@@ -276,12 +360,16 @@ def _get(ref):
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc
-        while isinstance(cause, ray.exceptions.RayTaskError) and getattr(cause, "cause", None) is not None:
-            cause = cause.cause
-        if cause is exc or not isinstance(cause, Exception):
-            raise
-        raise cause from None
+        _reraise(exc)
+
+
+def _reraise(exc: Exception):
+    cause = exc
+    while isinstance(cause, ray.exceptions.RayTaskError) and getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    if cause is exc or not isinstance(cause, Exception):
+        raise exc
+    raise cause from None
 
 
 class _Host:

@@ -34,10 +34,17 @@ class RunPaths:
         return self.url("stages", stage)
 
     def stage_part(self, stage: str, partition: int) -> str:
-        """A stage's per-partition file; the embed stage's are the user-facing embeddings/."""
+        """A stage's per-partition file; the embed and metadata stages' are the user-facing
+        embeddings/ and metadata/."""
         if stage == "embed":
             return self.url("embeddings", f"part-{partition:06d}.parquet")
+        if stage == "metadata":
+            return self.metadata_part(partition)
         return self.url("stages", stage, f"part-{partition:06d}.parquet")
+
+    def stage_part_pattern(self, stage: str) -> str:
+        """stage_part as a format string with `{partition}`, for workers to fill in."""
+        return self.stage_part(stage, 0).replace("part-000000.parquet", "part-{partition:06d}.parquet")
 
     @property
     def metadata_dir(self) -> str:
@@ -79,6 +86,11 @@ class Partition:
     name: str
 
 
+class UndeclaredReadError(RuntimeError):
+    """A stage read a file of a stage it does not declare it reads: its resume and the config's
+    checks would not know of that dependency."""
+
+
 @dataclass
 class RunContext:
     config: CurateConfig
@@ -89,10 +101,31 @@ class RunContext:
     stage_name: str = ""
     started: float = 0.0
     reference: object = None  # pipeline.io.reference.Reference of an incremental run
+    reads: tuple[str, ...] = ()  # the stages this one declares it reads (pipeline.stages)
+    resources: object = None  # its declared pipeline.stages.Resources
     _done_now: int = 0  # partitions finished in this run (not an earlier, interrupted one)
     _samples_now: int = 0
     _progress: object = None  # the stage's pipeline.ray_progress.Progress, when it has one
     _logged_at: float = 0.0
+
+    def read(self, stage: str, partition: int) -> str:
+        """The URL of another stage's file for `partition`, which this stage must declare it reads."""
+        self._check_read(stage)
+        return self.paths.stage_part(stage, partition)
+
+    def read_pattern(self, stage: str) -> str:
+        """read() as a format string with `{partition}`, for workers to fill in."""
+        self._check_read(stage)
+        return self.paths.stage_part_pattern(stage)
+
+    def reading(self, stage: str) -> bool:
+        """Whether this stage reads `stage` in this run (an optional read: its stage ran)."""
+        return stage in self.reads
+
+    def _check_read(self, stage: str) -> None:
+        if stage != self.stage_name and stage not in self.reads:
+            raise UndeclaredReadError(f"stage {self.stage_name} reads {stage}'s files but does not declare it "
+                                      f"(it reads {', '.join(self.reads) or 'nothing'}; see pipeline.stages)")
 
     def progress(self, total: int, measure: str = "samples"):
         """A tracker of the work inside this stage's partitions, for map_items / map_prepared:

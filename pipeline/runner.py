@@ -1,7 +1,7 @@
 """Run the stages in order, skip what is already done, and prove nothing was lost.
 
-Each stage module exposes NAME, `config_fingerprint(config)`, `outputs(paths)` and `run(ctx)`.
-A stage is skipped when the manifest records it complete under the same fingerprint (its config,
+The stages and what each reads are declared in pipeline.stages; each stage's module has its
+`config_fingerprint(config)`, `outputs(paths)` and `run(ctx)`. A stage is skipped when the manifest records it complete under the same fingerprint (its config,
 plus the fingerprints of the stages it reads); otherwise its outputs are cleared and it runs, or,
 with an unchanged fingerprint, resumes from the partitions it had finished. The input shards are
 compared by content: ingest re-runs the partitions whose files' bytes changed, and the fingerprint
@@ -28,28 +28,17 @@ from pipeline.io import fs
 from pipeline.io.catalog import connect as connect_catalog
 from pipeline.io.manifest import Manifest, StageRecord, package_versions
 from pipeline.io.reference import Reference
-from pipeline.io.parquet import read_table
 from pipeline.ray_adapter import connect as connect_ray
+from pipeline.ray_adapter import map_items
 from pipeline.reasons import REASON_NAMES
 from pipeline.run import Partition, RunContext, RunPaths, discover_partitions, fingerprint
-from pipeline.stages import dedup, ingest, metadata, report, select, write
+from pipeline.stages import Stage, ingest, metadata, planned, select
 
 log = logging.getLogger("curate")
 
 
 class InvariantError(RuntimeError):
     """The output does not account for every input sample exactly once."""
-
-
-@dataclass
-class Step:
-    module: object
-    upstream: tuple[str, ...]
-    kwargs: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.module.NAME
 
 
 @dataclass
@@ -62,32 +51,21 @@ class RunSummary:
     shards: int
 
 
+@dataclass(frozen=True)
+class Step:
+    """A declared stage as this config runs it: with the stages it reads (its fingerprint's upstream)."""
+
+    stage: Stage
+    upstream: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
 def plan(config: CurateConfig) -> list[Step]:
-    """The stages this config runs, in order."""
-    steps = [Step(ingest, ())]
-    extras: list[str] = []
-    dedup_inputs: tuple[str, ...] = ("ingest",)
-    if config.embed.enabled:
-        from pipeline.stages import embed
-
-        steps.append(Step(embed, ("ingest",)))
-        extras.append("embed")
-    if config.dedup.semantic:
-        from pipeline.stages import cluster
-
-        steps.append(Step(cluster, ("ingest", "embed")))
-        extras.append("cluster")
-        dedup_inputs = ("ingest", "embed", "cluster")
-    steps.append(Step(dedup, dedup_inputs))
-    verdict = "dedup"
-    rules = config.select
-    if rules.subset or rules.clip.enabled or rules.dfn.enabled or rules.dbp.enabled or rules.where:
-        steps.append(Step(select, ("dedup", *extras), {"extra_stages": extras}))
-        verdict = "select"
-    steps.append(Step(metadata, (verdict, *extras), {"verdict_stage": verdict, "extra_stages": extras}))
-    steps.append(Step(write, ("metadata",)))
-    steps.append(Step(report, ("metadata", "write")))
-    return steps
+    """The stages this config runs, in order (from their declarations in pipeline.stages)."""
+    return [Step(stage, reads) for stage, reads in planned(config)]
 
 
 @dataclass
@@ -194,7 +172,7 @@ def _run(config: CurateConfig, checked: Checked) -> RunSummary:
             continue
         if record is None or record.fingerprint != fp:
             log.info("%s: %s", step.name, _rerun_reason(record, inputs, partitions, reran))
-            for url in step.module.outputs(paths):
+            for url in step.stage.outputs(paths):
                 fs.remove_tree(url)
             record = StageRecord(fingerprint=fp)
         elif changed:
@@ -211,9 +189,10 @@ def _run(config: CurateConfig, checked: Checked) -> RunSummary:
         record.inputs = inputs
         record.skipped = False
         record.counts.setdefault("partitions_total", len(partitions))
-        ctx = RunContext(config, paths, partitions, manifest, record, step.name, time.perf_counter(), reference)
+        ctx = RunContext(config, paths, partitions, manifest, record, step.name, time.perf_counter(), reference,
+                         reads=step.upstream, resources=step.stage.resources)
         manifest.set_stage(step.name, record)
-        step.module.run(ctx, **step.kwargs)
+        step.stage.run(ctx)
         record.seconds += time.perf_counter() - ctx.started
         record.complete = True
         manifest.set_stage(step.name, record)
@@ -234,7 +213,7 @@ def _stage_inputs(step: Step, config: CurateConfig, fingerprints: dict[str, str]
     partition (ingest.changed_partitions), and reach the later stages through ingest's fingerprint.
     """
     inputs = {
-        "config": step.module.config_fingerprint(config),
+        "config": step.stage.config_fingerprint(config),
         "upstream": {name: fingerprints[name] for name in step.upstream},
     }
     if step.name == "ingest":
@@ -317,9 +296,12 @@ def _nothing_new(paths: RunPaths, manifest: Manifest) -> RunSummary:
 
 
 def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
-    """input samples = kept + dropped by reason; each kept uid exactly once in the output shards."""
-    from pipeline.stages.write import uid_digest
+    """input samples = kept + dropped by reason; each kept uid exactly once in the output shards.
 
+    Counts come from DuckDB over the metadata (it streams); the kept uids are compared through the
+    digests the metadata and write stages recorded per partition and shard, so the driver reads no
+    uid.
+    """
     stages = manifest.data["stages"]
     ingested = stages["ingest"]["samples_in"]
     con = connect_catalog(paths.root)
@@ -345,15 +327,14 @@ def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
         problems.append(f"{kept - kept_uids} kept uids are not unique")
     written = stages["write"]["samples_out"]
     sizes = fs.read_bytes(paths.url("shards", "sizes.json")) if kept else b"{}"
+    partitions = stages["metadata"]["counts"].get("partitions", {})
+    recorded = sum(s["kept"] for s in partitions.values())
     if written != kept or sum(json.loads(sizes).values()) != kept:
         problems.append(f"{kept} kept samples but {written} written ({sum(json.loads(sizes).values())} in sizes.json)")
-    else:
-        kept_digest = 0
-        for url in fs.list_files(paths.metadata_dir, ".parquet"):
-            table = read_table(url, ["uid", "kept"])
-            kept_digest += uid_digest(table.filter(table.column("kept")).column("uid").to_pylist())
-        if str(kept_digest % (1 << 128)) != stages["write"]["counts"].get("digest", "0"):
-            problems.append("the uids in the output shards differ from the kept uids in the metadata")
+    elif recorded != kept:
+        problems.append(f"the metadata stage recorded {recorded} kept samples, the metadata files hold {kept}")
+    elif str(_kept_digest(paths, partitions)) != stages["write"]["counts"].get("digest", "0"):
+        problems.append("the uids in the output shards differ from the kept uids in the metadata")
     if problems:
         raise InvariantError("output does not account for the input: " + "; ".join(problems))
     ordered = {name: dropped[name] for name in REASON_NAMES if name in dropped}
@@ -361,6 +342,19 @@ def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
         name: {k: stages[name][k] for k in ("seconds", "samples_in", "samples_out", "skipped")} for name in stages
     }
     return RunSummary(paths.root, total, kept, ordered, stage_table, stages["write"]["counts"].get("shards", 0))
+
+
+def _kept_digest(paths: RunPaths, partitions: dict[str, dict]) -> int:
+    """The kept-uid digest of the whole metadata: the sum of the metadata stage's per-partition ones.
+
+    A partition recorded without one (by a version that did not record it, its metadata stage
+    skipped since) has it computed again from its metadata file, in a task.
+    """
+    digests = {int(p): int(s["digest"]) for p, s in partitions.items() if "digest" in s}
+    missing = [{"partition": int(p), "url": paths.metadata_part(int(p))} for p, s in partitions.items() if "digest" not in s]
+    for result in map_items(metadata.kept_digest, missing, num_cpus=0.5):
+        digests[result["partition"]] = int(result["digest"])
+    return sum(digests.values()) % (1 << 128)
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -2,7 +2,9 @@
 
 Three pieces, each usable on its own by a stage:
 - :func:`cluster_complexity`: per-cluster size, d_intra, d_inter from centroids and
-  assignments (k numbers each: cheap to gather on one node);
+  assignments (k numbers each: cheap to gather on one node). For a partitioned pool,
+  :func:`cluster_sums` per partition, added up, then :func:`complexity_from_sums` give the same
+  numbers: the sums are exact, so no partitioning changes a bit of d_intra;
 - :func:`cluster_quotas`: how many members each cluster keeps (the quadratic program of the
   reference, solved in closed form, then rounded to integers summing exactly to the target);
 - :func:`select_in_clusters`: which members, hardest (farthest from the centroid) first;
@@ -18,6 +20,8 @@ import numpy.typing as npt
 
 __all__ = [
     "cluster_complexity",
+    "cluster_sums",
+    "complexity_from_sums",
     "cluster_quotas",
     "complexity_softmax",
     "quota_bounds",
@@ -39,23 +43,65 @@ def cluster_complexity(
     l = 0 or cluster j is empty. Every centroid, empty cluster or not, counts as a neighbour
     (the reference searches all k centroids).
     """
-    import faiss
-
-    c = np.ascontiguousarray(np.asarray(centroids, dtype=np.float32))
-    if c.ndim != 2:
+    labels = np.asarray(cluster_of)
+    dist = np.asarray(dist_to_centroid, dtype=np.float64)
+    k = np.asarray(centroids).shape[0] if np.asarray(centroids).ndim == 2 else -1
+    if k < 0:
         raise ValueError("centroids must be a 2-D array [k, d]")
-    k, d = c.shape
+    sizes, sums = cluster_sums(labels, dist, k)
+    return complexity_from_sums(centroids, sizes, sums, n_neighbors)
+
+
+_SUM_SCALE = 1126  # sums are integers times 2**-1126: below the least float64 bit of any mantissa
+
+
+def cluster_sums(cluster_of: npt.ArrayLike, dist_to_centroid: npt.ArrayLike, k: int) -> tuple[npt.NDArray[np.int64], list[int]]:
+    """``(sizes int64[k], sums)``: members per cluster and the exact sum of their distances, as
+    Python ints in units of 2**-1126. Sums of parts add up to the sum of the whole, bit for bit,
+    whatever the partitioning (a float sum would depend on the order of the additions)."""
     labels = np.asarray(cluster_of)
     dist = np.asarray(dist_to_centroid, dtype=np.float64)
     if labels.shape != dist.shape or labels.ndim != 1:
         raise ValueError("cluster_of and dist_to_centroid must be 1-D of equal length")
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"cluster_of must lie in [0, {k})")
+    if labels.size and not np.all(np.isfinite(dist)):
+        raise ValueError("dist_to_centroid must be finite")
     labels = labels.astype(np.int64)
     sizes = np.bincount(labels, minlength=k).astype(np.int64)
-    sums = np.bincount(labels, weights=dist, minlength=k)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d_intra = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.nan)
+    sums = [0] * k
+    if labels.size == 0:
+        return sizes, sums
+    mantissa, exponent = np.frexp(dist)
+    whole = (mantissa * 2.0**53).astype(np.int64)  # dist = whole * 2**(exponent - 53), exactly
+    high, low = whole >> 27, whole & ((1 << 27) - 1)  # halves whose sums stay exact in float64
+    exponents, slot = np.unique(exponent, return_inverse=True)
+    key = labels * len(exponents) + slot.reshape(-1)
+    size = k * len(exponents)
+    high_sum = np.bincount(key, weights=high.astype(np.float64), minlength=size)
+    low_sum = np.bincount(key, weights=low.astype(np.float64), minlength=size)
+    for index in np.flatnonzero((high_sum != 0) | (low_sum != 0)):
+        label, e = divmod(int(index), len(exponents))
+        value = (int(high_sum[index]) << 27) + int(low_sum[index])
+        sums[label] += value << (int(exponents[e]) - 53 + _SUM_SCALE)
+    return sizes, sums
+
+
+def complexity_from_sums(
+    centroids: npt.ArrayLike, sizes: npt.ArrayLike, sums: list[int], n_neighbors: int = 20,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """cluster_complexity from per-cluster sizes and exact distance sums (:func:`cluster_sums`):
+    d_intra is the correctly rounded mean."""
+    import faiss
+    from fractions import Fraction
+
+    c = np.ascontiguousarray(np.asarray(centroids, dtype=np.float32))
+    if c.ndim != 2:
+        raise ValueError("centroids must be a 2-D array [k, d]")
+    k, d = c.shape
+    sizes = np.asarray(sizes, dtype=np.int64)
+    d_intra = np.array([float(Fraction(int(s), int(n) << _SUM_SCALE)) if n > 0 else np.nan
+                        for s, n in zip(sums, sizes)], dtype=np.float64)
 
     d_inter = np.full(k, np.nan)
     n_l = min(int(n_neighbors), k - 1)

@@ -19,8 +19,11 @@ import numpy.typing as npt
 
 __all__ = [
     "Boundary",
+    "RadixCut",
     "keep_at_or_above",
     "keep_count",
+    "partition_histogram",
+    "partition_members",
     "threshold_keep",
     "top_fraction_keep",
     "top_fraction_threshold",
@@ -116,46 +119,81 @@ def top_fraction_threshold(partitions: Partitions, fraction: float) -> Boundary 
 
     ``partitions``: a sequence of ``(scores, uids)`` pairs, or a zero-argument callable that
     returns a fresh iterable of them (so a stage can stream them from storage; it is read a few
-    times). Radix selection on a 64-bit order key, 16 bits per pass: each pass keeps one
-    65,536-bin histogram; once the target bin is small its members' keys and uids are gathered
-    and sorted. Typically two or three passes; memory O(65,536 + one bin).
+    times). Radix selection on a 64-bit order key, 16 bits per pass (:class:`RadixCut`): each pass
+    keeps one 65,536-bin histogram; once the target bin is small its members' keys and uids are
+    gathered and sorted. Typically two or three passes; memory O(65,536 + one bin).
     """
-    total = 0
-    for s, _u in _iterate(partitions):
-        total += len(np.asarray(s))
-    k = keep_count(total, fraction)
-    if k == 0:
-        return None
-    prefix, prefix_bits = np.uint64(0), 0
-    rank = k  # 1-based rank of the boundary among elements sharing the current prefix
-    while True:
-        shift = 64 - prefix_bits - _DIGIT_BITS
+    total = sum(len(np.asarray(s)) for s, _u in _iterate(partitions))
+    cut = RadixCut(total, fraction)
+    while cut.histogram_wanted:
         hist = np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
         for s, _u in _iterate(partitions):
-            key = _order_key(s)
-            sel = _match_prefix(key, prefix, prefix_bits)
-            digit = ((key[sel] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
-            hist += np.bincount(digit, minlength=1 << _DIGIT_BITS)
+            hist += partition_histogram(s, *cut.prefix)
+        cut.add_histogram(hist)
+    if cut.empty:
+        return None
+    gathered = [partition_members(s, u, *cut.prefix) for s, u in _iterate(partitions)]
+    return cut.boundary([g[0] for g in gathered], [g[1] for g in gathered])
+
+
+class RadixCut:
+    """The state of an exact top-k selection whose passes run wherever the data is.
+
+    Each pass asks for the histogram of one 16-bit digit of the order key among the elements
+    sharing the prefix found so far (:func:`partition_histogram` per partition, summed); once the
+    bin holding the boundary is small (or the whole key is fixed) its members are gathered
+    (:func:`partition_members`) and :meth:`boundary` finds the k-th element among them.
+    """
+
+    def __init__(self, total: int, fraction: float):
+        self.k = keep_count(total, fraction)
+        self.bits = 0
+        self.value = np.uint64(0)
+        self.rank = self.k  # 1-based rank of the boundary among elements sharing the prefix
+        self.histogram_wanted = self.k > 0
+
+    @property
+    def empty(self) -> bool:
+        return self.k == 0
+
+    @property
+    def prefix(self) -> tuple[int, int]:
+        """(prefix value, prefix bits), as plain ints for the per-partition functions."""
+        return int(self.value), self.bits
+
+    def add_histogram(self, hist: np.ndarray) -> None:
+        shift = 64 - self.bits - _DIGIT_BITS
         above = np.cumsum(hist[::-1])  # above[i]: elements in the top i+1 bins (descending)
-        i = int(np.searchsorted(above, rank))  # first descending bin reaching the rank
+        i = int(np.searchsorted(above, self.rank))  # first descending bin reaching the rank
         digit_value = (1 << _DIGIT_BITS) - 1 - i
-        rank -= int(above[i - 1]) if i > 0 else 0
-        prefix = prefix | (np.uint64(digit_value) << np.uint64(shift))
-        prefix_bits += _DIGIT_BITS
-        if hist[digit_value] <= _COLLECT_CAP or prefix_bits == 64:
-            break
-    keys: list[np.ndarray] = []
-    uids: list[np.ndarray] = []
-    for s, u in _iterate(partitions):
-        key = _order_key(s)
-        sel = _match_prefix(key, prefix, prefix_bits)
-        keys.append(key[sel])
-        uids.append(_uids(u, len(key))[sel])
-    ck = np.concatenate(keys)
-    cu = np.concatenate(uids)
-    order = np.lexsort((cu, ~ck))
-    last = order[rank - 1]
-    return Boundary(score=_key_to_score(ck[last]), uid=str(cu[last]))
+        self.rank -= int(above[i - 1]) if i > 0 else 0
+        self.value = self.value | (np.uint64(digit_value) << np.uint64(shift))
+        self.bits += _DIGIT_BITS
+        if hist[digit_value] <= _COLLECT_CAP or self.bits == 64:
+            self.histogram_wanted = False
+
+    def boundary(self, keys: list[np.ndarray], uids: list[np.ndarray]) -> Boundary:
+        ck = np.concatenate(keys).astype(np.uint64)
+        cu = np.concatenate(uids)
+        order = np.lexsort((cu, ~ck))
+        last = order[self.rank - 1]
+        return Boundary(score=_key_to_score(ck[last]), uid=str(cu[last]))
+
+
+def partition_histogram(scores: npt.ArrayLike, prefix: int, bits: int) -> np.ndarray:
+    """Counts of the next 16-bit digit of the order key among scores sharing the prefix."""
+    key = _order_key(scores)
+    sel = _match_prefix(key, np.uint64(prefix), bits)
+    shift = 64 - bits - _DIGIT_BITS
+    digit = ((key[sel] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
+    return np.bincount(digit, minlength=1 << _DIGIT_BITS).astype(np.int64)
+
+
+def partition_members(scores: npt.ArrayLike, uids: npt.ArrayLike, prefix: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order keys and uids of the scores sharing the prefix (the boundary's bin)."""
+    key = _order_key(scores)
+    sel = _match_prefix(key, np.uint64(prefix), bits)
+    return key[sel], _uids(uids, len(key))[sel]
 
 
 def _match_prefix(key: np.ndarray, prefix: np.uint64, bits: int) -> np.ndarray:

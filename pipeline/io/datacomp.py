@@ -27,7 +27,12 @@ def subset_to_uids(array: np.ndarray) -> list[str]:
 
 
 def write_subset(url: str, uids) -> int:
-    array = uids_to_subset(uids)
+    return save_subset(url, uids_to_subset(uids))
+
+
+def save_subset(url: str, pairs: np.ndarray) -> int:
+    """Write uids already turned into SUBSET_DTYPE pairs (in any order) as a subset file."""
+    array = np.sort(pairs)
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     fs.write_bytes_atomic(url, buffer.getvalue())

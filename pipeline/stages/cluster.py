@@ -18,7 +18,7 @@ from pipeline.algorithms.kmeans import assign_to_centroids, train_sample, train_
 from pipeline.io import fs
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
-from pipeline.ray_adapter import cluster_gpus, map_items, run_remote
+from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
 
 log = logging.getLogger("curate")
 NAME = "cluster"
@@ -113,8 +113,8 @@ def assign_partition(item: dict) -> dict:
 
 def run(ctx) -> None:
     indices = [p.index for p in ctx.partitions]
-    ingest_urls = {i: ctx.paths.stage_part("ingest", i) for i in indices}
-    embed_urls = {i: ctx.paths.stage_part("embed", i) for i in indices}
+    ingest_urls = {i: ctx.read("ingest", i) for i in indices}
+    embed_urls = {i: ctx.read("embed", i) for i in indices}
     centroids_url = ctx.paths.url("clusters", CENTROIDS)
     settings = ctx.config.cluster
     # An incremental run assigns to its reference's centroids, so clusters mean the same every day.
@@ -124,7 +124,7 @@ def run(ctx) -> None:
             save_centroids(load_centroids(given), centroids_url)
         ctx.record.counts["centroids_from"] = given
     elif not fs.exists(centroids_url):
-        gpus = 1 if cluster_gpus() >= 1 else 0
+        gpus = gpus_per_worker(ctx.resources)
         ctx.record.counts.update(run_remote(train, ctx.config, ingest_urls, embed_urls, centroids_url, num_gpus=gpus))
     items = [
         {"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "centroids": centroids_url,

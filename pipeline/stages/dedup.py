@@ -1,28 +1,36 @@
 """Stage 4, dedup: duplicate uids, exact duplicates, perceptual (pHash) and semantic (SemDeDup).
 
-A duplicate can sit in any shard, so the hash-based steps run over the whole pool in one Ray task
-that reads only the small columns they need. SemDeDup then runs per cluster in parallel: Ray Data
-shuffles the survivors' embeddings by cluster, so no process holds more than its clusters. Each
-step sees only the survivors of the steps before it (algorithms.md section 7).
+A duplicate can sit in any shard, so each step is a global one (pipeline.stages.steps): every
+partition emits small keyed records of its survivors (uid; sha256; pHash index-table keys; cluster
+and embedding), Ray Data shuffles them by key so that every group of possible duplicates meets in
+one task, and each partition then applies the drops routed back to it. No process holds the pool:
+a shuffle task holds about ray.rows_per_bucket records. Each step sees only the survivors of the
+steps before it (algorithms.md section 7); samples an earlier run published (the reference chain)
+take part in every step and are never dropped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.algorithms.exact_dup import exact_duplicates
-from pipeline.algorithms.near_dup import hamming_distance, near_duplicates
+from pipeline.algorithms.near_dup import _compress, connected_components, hamming_distance, index_plan, near_duplicates
 from pipeline.algorithms.semdedup import semdedup_cluster_with_similarity
-from pipeline.io.decisions import Decisions
+from pipeline.io.decisions import survivor_rows, updates
 from pipeline.io.embeddings import read_vectors
-from pipeline.io.parquet import read_table, read_tables
+from pipeline.io.parquet import read_table
 from pipeline.io.reference import ReferencePart, published_with_embeddings
-from pipeline.ray_adapter import cluster_gpus, group_map, run_remote
+from pipeline.ray_adapter import gpus_per_worker, group_map, map_to_refs, run_remote, shuffle_map
+from pipeline.stages.steps import (Step, StepRun, integer_buckets, run_steps, shuffle_decide, string_buckets,
+                                   with_partition, write_partition_updates, updates_writer)
 
 log = logging.getLogger("curate")
 NAME = "dedup"
+PUBLISHED = -1  # the partition number of records from the reference chain's published samples
 
 
 def config_fingerprint(config) -> dict:
@@ -33,111 +41,283 @@ def outputs(paths) -> list[str]:
     return [paths.stage_dir(NAME)]
 
 
-def drop_duplicate_uids(decisions: Decisions, published: set[str] = frozenset()) -> None:
-    """Keep the first survivor of each uid (pool order); uids must be unique to join on them.
-    A uid an earlier run (the reference chain) already published is taken too."""
-    rows = decisions.survivors()
-    uids = decisions.uid[rows]
-    taken = np.array([u in published for u in uids], dtype=bool)
-    if taken.any():
-        decisions.drop(rows[taken], "duplicate_uid", [f"uid {u} already published by the reference run" for u in uids[taken]],
-                       duplicate_of=uids[taken])
-        rows, uids = rows[~taken], uids[~taken]
-    _, first = np.unique(uids, return_index=True)
-    later = np.setdiff1d(np.arange(len(rows)), first)
-    if len(later):
-        owner = dict(zip(uids[first], rows[first]))
-        details = [f"uid {u} already used by the sample at row {owner[u]} of the pool" for u in uids[later]]
-        decisions.drop(rows[later], "duplicate_uid", details, duplicate_of=uids[later])
+# -- what every step's map reads ----------------------------------------------------------------
+
+def _survivors(item: dict, columns: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A partition's surviving rows and `columns` of them: uid from its verdict, the rest from ingest;
+    for a reference part, its published (kept) samples, with row -1."""
+    if item["partition"] == PUBLISHED:
+        table = read_table(item["metadata"], list(dict.fromkeys(["kept", "uid", *columns])))
+        table = table.filter(table.column("kept"))
+        return np.full(table.num_rows, -1, np.int64), {c: _values(table.column(c)) for c in ["uid", *columns]}
+    verdict = read_table(item["verdict"], ["uid", "drop_reason"])
+    rows = np.flatnonzero(verdict.column("drop_reason").is_null().to_numpy(zero_copy_only=False))
+    found = {"uid": _values(verdict.column("uid"))[rows]}
+    if columns:
+        ingest = read_table(item["ingest"], columns)
+        found.update({c: _values(ingest.column(c))[rows] for c in columns})
+    return rows.astype(np.int64), found
 
 
-def drop_exact_duplicates(decisions: Decisions, sha256: np.ndarray, published: dict[str, str] | None = None) -> None:
-    """Same image bytes: keep the smallest uid; against an earlier run, its published sample wins."""
-    rows = decisions.survivors()
-    if published:
-        hit = np.array([sha256[r] in published for r in rows], dtype=bool)
-        targets = [published[sha256[r]] for r in rows[hit]]
-        details = [f"same image bytes (sha256 {sha256[r][:16]}...) as {t}, published earlier" for r, t in zip(rows[hit], targets)]
-        decisions.drop(rows[hit], "exact_duplicate", details, duplicate_of=targets)
-        rows = rows[~hit]
-    dropped, duplicate_of = exact_duplicates(sha256[rows], decisions.uid[rows])
-    dup_rows = rows[dropped]
-    kept_uids = decisions.uid[rows[duplicate_of[dropped]]]
-    details = [f"same image bytes (sha256 {sha256[r][:16]}...) as {k}" for r, k in zip(dup_rows, kept_uids)]
-    decisions.drop(dup_rows, "exact_duplicate", details, duplicate_of=kept_uids)
+def _values(column) -> np.ndarray:
+    if pa.types.is_integer(column.type):  # pHash: uint64, whose nulls would turn the column to float
+        return column.fill_null(0).to_numpy()
+    return column.to_numpy(zero_copy_only=False).astype(object)
 
 
-def drop_near_duplicates(
-    decisions: Decisions, phash: np.ndarray, radius: int, threads: int,
-    published_hashes: np.ndarray | None = None, published_uids: np.ndarray | None = None,
-) -> None:
-    """pHash components within `radius`; each keeps its smallest uid, or a published sample when
-    the component reaches one (published samples sort first: their uids get a '0' prefix)."""
-    rows = decisions.survivors()
-    extra = 0 if published_hashes is None else len(published_hashes)
-    hashes = phash[rows].astype(np.uint64)
-    names = np.array(["1" + u for u in decisions.uid[rows]], dtype=object)
-    uids = decisions.uid[rows]
-    if extra:
-        hashes = np.concatenate([published_hashes.astype(np.uint64), hashes])
-        names = np.concatenate([np.array(["0" + u for u in published_uids], dtype=object), names])
-        uids = np.concatenate([np.asarray(published_uids, dtype=object), uids])
-    dropped, duplicate_of = near_duplicates(hashes, names.astype(str), radius, n_threads=threads)
-    ours = np.flatnonzero(dropped[extra:]) + extra  # published samples are never dropped here
-    targets = duplicate_of[ours]
-    distance = hamming_distance(hashes[ours], hashes[targets])
-    kept_uids = uids[targets]
+def _items(run: StepRun, reference) -> list[dict]:
+    items = run.partition_items(ingest="")
+    for item in items:
+        item["ingest"] = run.ctx.read("ingest", item["partition"])
+    if reference is not None:
+        items += [{"partition": PUBLISHED, "metadata": part.metadata} for part in reference.parts()]
+    return items
+
+
+# -- duplicate uids -----------------------------------------------------------------------------
+
+def emit_uids(item: dict, buckets: int, **_) -> pa.Table:
+    rows, found = _survivors(item, [])
+    uid = found["uid"].astype(str)
+    return pa.table({"bucket": string_buckets(uid, buckets), "uid": uid,
+                     "partition": np.full(len(rows), item["partition"], np.int64), "row": rows})
+
+
+def decide_uids(records: pa.Table, offsets: dict) -> pa.Table:
+    """Keep the first survivor of each uid in pool order (uids are the join key); a uid an earlier
+    run published is taken, and every new sample carrying it goes."""
+    uid = records.column("uid").to_numpy(zero_copy_only=False).astype(str)
+    partition = records.column("partition").to_numpy()
+    row = records.column("row").to_numpy()
+    order = np.lexsort((row, partition, uid))  # published (partition -1) first within a uid
+    uid, partition, row = uid[order], partition[order], row[order]
+    head = np.r_[True, uid[1:] != uid[:-1]]
+    first = np.flatnonzero(head)[np.cumsum(head) - 1]
+    later = ~head & (partition != PUBLISHED)
+    owner_published = partition[first] == PUBLISHED
     details = [
-        f"pHash {int(d)} bits from {k}{', published earlier' if t < extra else ''} (linked within radius {radius})"
-        for d, k, t in zip(distance, kept_uids, targets)
+        f"uid {u} already published by the reference run" if published else
+        f"uid {u} already used by the sample at row {offsets[str(p)] + r} of the pool"
+        for u, published, p, r in zip(uid[later], owner_published[later], partition[first][later], row[first][later])
     ]
-    decisions.drop(rows[ours - extra], "near_duplicate", details, duplicate_of=kept_uids, phash_distance=distance)
+    return with_partition(updates(row[later], "duplicate_uid", details, duplicate_of=uid[later]), partition[later])
 
 
-def hash_dedup(config, ingest_urls: dict[int, str], out_urls: dict[int, str], reference=None) -> dict:
-    """Duplicate uids, exact and perceptual duplicates over the whole pool (and against what the
-    reference chain published); writes the verdicts."""
-    decisions = Decisions.load(ingest_urls)
-    samples_in = len(decisions.survivors())
-    published = reference.kept(["uid", "sha256", "phash"]) if reference is not None else None
-    drop_duplicate_uids(decisions, set(published.column("uid").to_pylist()) if published is not None else set())
-    columns = ["sha256", "phash"]
-    tables = read_tables([ingest_urls[p] for p in sorted(ingest_urls)], columns)
-    if config.dedup.exact:
-        sha256 = np.concatenate([t.column("sha256").to_numpy(zero_copy_only=False).astype(object) for t in tables])
-        earlier = None
-        if published is not None:
-            earlier = {}
-            for sha, uid in zip(published.column("sha256").to_pylist(), published.column("uid").to_pylist()):
-                if sha not in earlier or uid < earlier[sha]:
-                    earlier[sha] = uid
-        drop_exact_duplicates(decisions, sha256, earlier)
-    if config.dedup.phash:
-        phash = np.concatenate([t.column("phash").fill_null(0).to_numpy() for t in tables]).astype(np.uint64)
-        if published is not None and published.num_rows:
-            drop_near_duplicates(decisions, phash, config.dedup.phash_radius, 2,
-                                 published.column("phash").to_numpy().astype(np.uint64),
-                                 published.column("uid").to_numpy(zero_copy_only=False).astype(object))
-        else:
-            drop_near_duplicates(decisions, phash, config.dedup.phash_radius, threads=2)
-    decisions.write(out_urls)
-    return {"samples_in": samples_in, "samples_out": len(decisions.survivors()), "dropped": dict(decisions.dropped_by_step)}
+def uid_step(reference) -> Step:
+    def decide(run: StepRun) -> dict:
+        offsets, start = {}, 0
+        for i in sorted(run.rows):
+            offsets[str(i)], start = start, start + run.rows[i]
+        dropped = shuffle_decide(run, emit_uids, _items(run, reference), decide_uids, {"offsets": offsets},
+                                 records=run.entering + _published(reference))
+        return {"dropped": dropped}
 
+    return Step("uid", decide=decide)
+
+
+def _published(reference) -> int:
+    return sum(int(m["counts"]["kept"]) for _, m in reference.runs) if reference is not None else 0
+
+
+# -- exact duplicates ---------------------------------------------------------------------------
+
+def emit_sha256(item: dict, buckets: int, **_) -> pa.Table:
+    rows, found = _survivors(item, ["sha256"])
+    sha = np.array([s.lower() if isinstance(s, str) else "" for s in found["sha256"]], dtype=object)
+    present = sha != ""  # a missing digest never matches anything
+    sha, uid, rows = sha[present].astype(str), found["uid"][present].astype(str), rows[present]
+    return pa.table({"bucket": string_buckets(sha, buckets), "sha256": sha, "uid": uid,
+                     "partition": np.full(len(rows), item["partition"], np.int64), "row": rows})
+
+
+def decide_sha256(records: pa.Table) -> pa.Table:
+    """Same image bytes: keep the smallest uid; against an earlier run, its published sample wins
+    (the smallest published uid of those bytes)."""
+    sha = records.column("sha256").to_numpy(zero_copy_only=False).astype(str)
+    uid = records.column("uid").to_numpy(zero_copy_only=False).astype(str)
+    partition = records.column("partition").to_numpy()
+    row = records.column("row").to_numpy()
+    published = partition == PUBLISHED
+    parts = []
+    earlier: dict[str, str] = {}
+    for s, u in sorted(zip(sha[published], uid[published]), reverse=True):
+        earlier[s] = u  # sorted descending: the smallest uid of each digest is written last
+    new = np.flatnonzero(~published)
+    hit = np.array([sha[r] in earlier for r in new], dtype=bool)
+    if hit.any():
+        rows = new[hit]
+        targets = [earlier[sha[r]] for r in rows]
+        details = [f"same image bytes (sha256 {sha[r][:16]}...) as {t}, published earlier" for r, t in zip(rows, targets)]
+        parts.append(with_partition(updates(row[rows], "exact_duplicate", details, duplicate_of=targets), partition[rows]))
+    rest = new[~hit]
+    dropped, duplicate_of = exact_duplicates(sha[rest], uid[rest])
+    rows, keepers = rest[dropped], rest[duplicate_of[dropped]]
+    details = [f"same image bytes (sha256 {sha[r][:16]}...) as {uid[k]}" for r, k in zip(rows, keepers)]
+    parts.append(with_partition(updates(row[rows], "exact_duplicate", details, duplicate_of=uid[keepers]), partition[rows]))
+    return pa.concat_tables(parts)
+
+
+def exact_step(reference) -> Step:
+    def decide(run: StepRun) -> dict:
+        return {"dropped": shuffle_decide(run, emit_sha256, _items(run, reference), decide_sha256, {},
+                                          records=run.entering + _published(reference))}
+
+    return Step("exact", decide=decide)
+
+
+# -- perceptual duplicates ----------------------------------------------------------------------
+#
+# The pHash index (algorithms.near_dup) has tables whose keys are subsets of the 64 bits, chosen so
+# that every pair within the radius agrees on some table's key. Spread over the cluster, every
+# (table, key) group of survivors is one shuffle group: a bucket links what agrees on a key within
+# the radius (components within the bucket, as star edges to any member), and one task joins the
+# edges into components across buckets (union-find over the edges only, never over the pool: it
+# holds about 60 bytes per sample that has a near duplicate) and keeps each component's smallest
+# uid, a published sample before any new one. With one bucket the records go to one task that
+# links them all at once, the same components.
+
+def _uid_halves(uid: np.ndarray) -> np.ndarray:
+    """32-hex uids as (n, 2) big-endian uint64 halves: their order is the uids' string order."""
+    if len(uid) == 0:
+        return np.zeros((0, 2), np.uint64)
+    return np.frombuffer(bytes.fromhex("".join(uid)), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+
+
+def emit_phash(item: dict, buckets: int, plan: list[int], **_) -> pa.Table:
+    """One record per survivor, or with several buckets one per survivor and index table."""
+    rows, found = _survivors(item, ["phash"])
+    phash = np.asarray(found["phash"]).astype(np.uint64)
+    halves = _uid_halves(found["uid"].astype(str))
+    gid = _gids(item["partition"], rows, item.get("index", 0))
+    tables = range(len(plan)) if buckets > 1 else [0]
+    parts = []
+    for t in tables:
+        key = _compress(phash, plan[t])[0].astype(np.uint64) if buckets > 1 else np.zeros(len(rows), np.uint64)
+        parts.append(pa.table({
+            "bucket": integer_buckets(key * np.uint64(len(plan)) + np.uint64(t), buckets),
+            "table": np.full(len(rows), t, np.int64), "phash": phash, "gid": gid,
+            "hi": halves[:, 0], "lo": halves[:, 1]}))
+    return pa.concat_tables(parts)
+
+
+def _gids(partition: int, rows: np.ndarray, index: int) -> np.ndarray:
+    """A sample's id in the links: partition << 32 | row, and -1 - (part << 32 | position) for the
+    published samples of reference part `index`."""
+    if partition == PUBLISHED:
+        return -1 - ((np.int64(index) << np.int64(32)) | np.arange(len(rows), dtype=np.int64))
+    return (np.int64(partition) << np.int64(32)) | rows
+
+
+def _order_names(gid: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Names whose string order is (published first, uid), as near_duplicates keeps the smallest."""
+    flag = np.where(gid < 0, "0", "1")
+    return np.char.add(flag, np.char.add(np.char.zfill(np.char.mod("%x", hi), 16), np.char.zfill(np.char.mod("%x", lo), 16)))
+
+
+def _drops_to(gid, phash, names, targets, radius: int) -> pa.Table:
+    """Updates for the new samples among `gid` linked to `targets` (indices of their keepers)."""
+    ours = np.flatnonzero(gid >= 0)
+    ours = ours[targets[ours] != ours]
+    keeper = targets[ours]
+    distance = hamming_distance(phash[ours], phash[keeper])
+    kept = [n[1:] for n in names[keeper]]
+    details = [f"pHash {int(d)} bits from {k}{', published earlier' if gid[t] < 0 else ''} (linked within radius {radius})"
+               for d, k, t in zip(distance, kept, keeper)]
+    return with_partition(
+        updates(gid[ours] & np.int64(0xFFFFFFFF), "near_duplicate", details, duplicate_of=kept, phash_distance=distance),
+        gid[ours] >> np.int64(32))
+
+
+def decide_phash_all(records: pa.Table, radius: int, plan: list[int]) -> pa.Table:
+    """Every survivor in one task: the components of the whole within-radius graph."""
+    gid, phash = records.column("gid").to_numpy(), records.column("phash").to_numpy().astype(np.uint64)
+    names = _order_names(gid, records.column("hi").to_numpy(), records.column("lo").to_numpy())
+    dropped, duplicate_of = near_duplicates(phash, names, radius, plan=tuple(plan), n_threads=2)
+    targets = np.where(dropped, duplicate_of, np.arange(len(gid)))
+    return _drops_to(gid, phash, names, targets, radius)
+
+
+def link_bucket(records: pa.Table, radius: int, plan: list[int]) -> pa.Table:
+    """Star edges (member -> one member of its component) of what agrees on a table's key within
+    the radius, for each index table in this bucket."""
+    table = records.column("table").to_numpy()
+    edges = []
+    for t in np.unique(table):
+        part = records.filter(pa.array(table == t))
+        if part.num_rows < 2:
+            continue
+        gid, phash = part.column("gid").to_numpy(), part.column("phash").to_numpy().astype(np.uint64)
+        dropped, duplicate_of = near_duplicates(phash, gid.astype(str), radius, plan=(plan[int(t)],))
+        a, b = np.flatnonzero(dropped), duplicate_of[dropped]
+        edges.append(pa.table({
+            "a": gid[a], "b": gid[b], "a_phash": phash[a], "b_phash": phash[b],
+            "a_hi": part.column("hi").to_numpy()[a], "a_lo": part.column("lo").to_numpy()[a],
+            "b_hi": part.column("hi").to_numpy()[b], "b_lo": part.column("lo").to_numpy()[b]}))
+    if not edges:
+        return pa.table({name: pa.array([], kind) for name, kind in _EDGE_TYPES.items()})
+    return pa.concat_tables(edges).cast(pa.schema(list(_EDGE_TYPES.items())))
+
+
+_EDGE_TYPES = {"a": pa.int64(), "b": pa.int64(), "a_phash": pa.uint64(), "b_phash": pa.uint64(),
+               "a_hi": pa.uint64(), "a_lo": pa.uint64(), "b_hi": pa.uint64(), "b_lo": pa.uint64()}
+
+
+def join_links(radius: int, template: str, *edge_tables: pa.Table) -> int:
+    """Components over every bucket's edges; each new member not its component's keeper is dropped."""
+    edges = pa.concat_tables(edge_tables) if edge_tables else None
+    if edges is None or edges.num_rows == 0:
+        return 0
+    col = lambda name: edges.column(name).to_numpy()
+    gid_all = np.concatenate([col("a"), col("b")])
+    nodes, first, inverse = np.unique(gid_all, return_index=True, return_inverse=True)
+    phash = np.concatenate([col("a_phash"), col("b_phash")])[first].astype(np.uint64)
+    names = _order_names(nodes, np.concatenate([col("a_hi"), col("b_hi")])[first],
+                         np.concatenate([col("a_lo"), col("b_lo")])[first])
+    labels = connected_components(len(nodes), inverse.reshape(2, -1).T)
+    order = np.lexsort((names, labels))
+    head = np.r_[True, labels[order][1:] != labels[order][:-1]]
+    targets = np.empty(len(nodes), np.int64)
+    targets[order] = order[np.flatnonzero(head)[np.cumsum(head) - 1]]
+    return write_partition_updates(_drops_to(nodes, phash, names, targets, radius), template)
+
+
+def phash_step(reference) -> Step:
+    def decide(run: StepRun) -> dict:
+        radius = run.config.dedup.phash_radius
+        samples = run.entering + _published(reference)
+        plan = [int(mask) for mask in index_plan(radius, samples)]
+        items = _items(run, reference)
+        for index, item in enumerate(i for i in items if i["partition"] == PUBLISHED):
+            item["index"] = index
+        buckets = run.buckets(samples * len(plan))
+        kwargs = {"radius": radius, "plan": plan}
+        if buckets == 1:
+            return {"dropped": shuffle_decide(run, emit_phash, items, decide_phash_all, kwargs, records=samples)}
+        refs = [ref for _, ref, _ in map_to_refs(emit_phash, items, kwargs={"buckets": buckets, "plan": plan})]
+        edges = shuffle_map(refs, "bucket", functools.partial(link_bucket, radius=radius, plan=plan), partitions=buckets)
+        return {"dropped": run_remote(join_links, radius, run.updates_template, *edges), "buckets": buckets}
+
+    return Step("phash", decide=decide)
+
+
+# -- semantic duplicates ------------------------------------------------------------------------
 
 def survivors_by_cluster(item: dict) -> dict:
-    """One partition's dedup survivors (or a reference part's published samples) with their
-    cluster, distance to its centroid and image embedding."""
+    """One partition's survivors (or a reference part's published samples) with their cluster,
+    distance to its centroid, image embedding and where they lie (partition, row)."""
     if item["kind"] == "reference":
         part = ReferencePart(item["run"], item["metadata"], item["embeddings"] or None)
         table, matrix = published_with_embeddings(part, ["uid", "cluster", "dist_to_centroid"])
         if table.column("cluster").null_count:
             raise ValueError(f"reference run {item['run']} has no dedup clusters: run it with dedup.semantic")
+        n = table.num_rows
         return {
             "cluster": table.column("cluster").to_numpy().astype(np.int64),
             "uid": table.column("uid").to_numpy(zero_copy_only=False).astype(str),
             "dist": table.column("dist_to_centroid").to_numpy().astype(np.float32),
             "embedding": matrix,
-            "published": np.ones(table.num_rows, dtype=bool),
+            "published": np.ones(n, dtype=bool),
+            "partition": np.full(n, PUBLISHED, np.int64), "row": np.full(n, -1, np.int64),
         }
     verdict = read_table(item["verdict"], ["uid", "drop_reason"])
     clusters = read_table(item["cluster"], ["cluster", "dist_to_centroid"])
@@ -152,11 +332,12 @@ def survivors_by_cluster(item: dict) -> dict:
         "dist": clusters.column("dist_to_centroid").to_numpy(zero_copy_only=False)[rows].astype(np.float32),
         "embedding": matrix[position[rows]] if len(rows) else np.empty((0, matrix.shape[1] if matrix.ndim == 2 else 1), np.float32),
         "published": np.zeros(len(rows), dtype=bool),
+        "partition": np.full(len(rows), item["partition"], np.int64), "row": rows.astype(np.int64),
     }
 
 
-def semdedup_group(batch: dict, eps: float, block_size: int, device: str) -> dict:
-    """SemDeDup on one cluster; returns only its dropped members.
+def semdedup_group(batch: dict, eps: float, block_size: int, device: str) -> pa.Table:
+    """SemDeDup on one cluster; returns the updates dropping its duplicates, with their partition.
 
     Published members of an earlier run are visited first (their distances are shifted past any
     real one, keeping their own order), so a new sample is dropped when it duplicates a published
@@ -169,60 +350,46 @@ def semdedup_group(batch: dict, eps: float, block_size: int, device: str) -> dic
     )
     dropped &= ~published
     uids = np.asarray(batch["uid"])
-    return {
-        "uid": uids[dropped],
-        "duplicate_of": uids[duplicate_of[dropped]],
-        "similarity": similarity[dropped].astype(np.float32),
-        "cluster": np.asarray(batch["cluster"])[dropped],
-    }
+    similarity = similarity[dropped].astype(np.float32)
+    targets = uids[duplicate_of[dropped]]
+    cluster = np.asarray(batch["cluster"])[dropped]
+    details = [f"cosine {s:.4f} > {1 - eps:.4f} with {d} in cluster {c}" for s, d, c in zip(similarity, targets, cluster)]
+    update = updates(np.asarray(batch["row"])[dropped], "semantic_duplicate", details, duplicate_of=targets,
+                     duplicate_similarity=similarity)
+    return with_partition(update, np.asarray(batch["partition"])[dropped])
 
 
-def apply_semantic(config, verdict_urls: dict[int, str], dropped: dict) -> dict:
-    decisions = Decisions.load(verdict_urls)
-    index = {uid: row for row, uid in zip(decisions.survivors(), decisions.uid[decisions.survivors()])}
-    order = np.argsort(dropped["uid"], kind="stable")  # deterministic whatever order groups finished in
-    rows = np.array([index[u] for u in dropped["uid"][order]], dtype=np.int64)
-    eps = config.dedup.semantic_eps
-    details = [
-        f"cosine {s:.4f} > {1 - eps:.4f} with {d} in cluster {c}"
-        for s, d, c in zip(dropped["similarity"][order], dropped["duplicate_of"][order], dropped["cluster"][order])
-    ]
-    decisions.drop(rows, "semantic_duplicate", details, duplicate_of=dropped["duplicate_of"][order],
-                   duplicate_similarity=dropped["similarity"][order])
-    decisions.write(verdict_urls)
-    return {"samples_out": len(decisions.survivors()), "dropped": int(len(rows))}
+def semantic_step(reference) -> Step:
+    def decide(run: StepRun) -> dict:
+        paths, settings = run.ctx.paths, run.config.dedup
+        items = [{"kind": "new", "partition": i, "verdict": url, "cluster": run.ctx.read("cluster", i),
+                  "embed": run.ctx.read("embed", i), "run": "", "metadata": "", "embeddings": ""}
+                 for i, url in sorted(run.inputs.items())]
+        if reference is not None:
+            items += [{"kind": "reference", "partition": PUBLISHED, "verdict": "", "cluster": "", "embed": "",
+                       "run": part.run, "metadata": part.metadata, "embeddings": part.embeddings or ""}
+                      for part in reference.parts()]
+        gpus = gpus_per_worker(run.ctx.resources)
+        device = "cuda" if gpus else "cpu"
+        kwargs = {"eps": settings.semantic_eps, "block_size": settings.block_size, "device": device}
+        written = group_map(items, survivors_by_cluster, "cluster", functools.partial(semdedup_group, **kwargs), num_cpus=1,
+                            num_gpus=gpus, then=("partition", updates_writer(run.updates_template)))
+        return {"dropped": int(sum(int(np.sum(batch["updates"])) for batch in written))}
+
+    return Step("semantic", decide=decide)
 
 
 def run(ctx) -> None:
-    indices = [p.index for p in ctx.partitions]
-    ingest_urls = {i: ctx.paths.stage_part("ingest", i) for i in indices}
-    out_urls = {i: ctx.paths.stage_part(NAME, i) for i in indices}
-    result = run_remote(hash_dedup, ctx.config, ingest_urls, out_urls, ctx.reference, num_cpus=1)
+    steps = [uid_step(ctx.reference)]
+    settings = ctx.config.dedup
+    if settings.exact:
+        steps.append(exact_step(ctx.reference))
+    if settings.phash:
+        steps.append(phash_step(ctx.reference))
+    if settings.semantic:
+        steps.append(semantic_step(ctx.reference))
+    inputs = {p.index: ctx.read("ingest", p.index) for p in ctx.partitions}
+    result = run_steps(ctx, NAME, steps, inputs)
     ctx.record.samples_in = result["samples_in"]
     ctx.record.samples_out = result["samples_out"]
     ctx.record.counts["dropped"] = result["dropped"]
-    settings = ctx.config.dedup
-    if not settings.semantic:
-        return
-    items = [
-        {"kind": "new", "verdict": out_urls[i], "cluster": ctx.paths.stage_part("cluster", i),
-         "embed": ctx.paths.stage_part("embed", i), "run": "", "metadata": "", "embeddings": ""}
-        for i in indices
-    ]
-    if ctx.reference is not None:
-        items += [
-            {"kind": "reference", "verdict": "", "cluster": "", "embed": "", "run": part.run,
-             "metadata": part.metadata, "embeddings": part.embeddings}
-            for part in ctx.reference.parts()
-        ]
-    device = "cuda" if cluster_gpus() >= 1 else "cpu"
-    kwargs = {"eps": settings.semantic_eps, "block_size": settings.block_size, "device": device}
-    pieces = list(group_map(
-        items, survivors_by_cluster, "cluster", lambda batch: semdedup_group(batch, **kwargs),
-        num_cpus=1, num_gpus=0.5 if device == "cuda" else 0,
-    ))
-    columns = ("uid", "duplicate_of", "similarity", "cluster")
-    dropped = {name: np.concatenate([p[name] for p in pieces]) if pieces else np.empty(0) for name in columns}
-    semantic = run_remote(apply_semantic, ctx.config, out_urls, dropped)
-    ctx.record.samples_out = semantic["samples_out"]
-    ctx.record.counts["dropped"]["semantic_duplicate"] = semantic["dropped"]

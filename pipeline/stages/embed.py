@@ -543,7 +543,7 @@ def embeddable_total(ctx) -> int:
     for partition in ctx.todo([p.index for p in ctx.partitions]):
         stats = ingested.get(str(partition))
         if stats is None:
-            reasons = read_table(ctx.paths.stage_part("ingest", partition), ["drop_reason"]).column("drop_reason")
+            reasons = read_table(ctx.read("ingest", partition), ["drop_reason"]).column("drop_reason")
             total += len(embeddable(reasons.to_pylist())[0])
         else:
             total += stats["samples"] - sum(n for reason, n in stats["reasons"].items() if reason in NOT_EMBEDDED)
@@ -600,7 +600,7 @@ def run(ctx) -> None:
 
     def items():
         for partition in ctx.todo([p.index for p in ctx.partitions]):
-            table = read_table(ctx.paths.stage_part("ingest", partition), INGEST_COLUMNS)
+            table = read_table(ctx.read("ingest", partition), INGEST_COLUMNS)
             chunks = chunk_items(table, partition, ctx.partitions[partition].url, cfg.batch_size)
             part = _Partition(table.column("uid"), len(chunks), [])
             if part.complete:
@@ -691,7 +691,7 @@ def provided_items(ctx, index, dim: int) -> list[dict]:
     items = []
     for partition in ctx.todo([p.index for p in ctx.partitions]):
         source = ctx.partitions[partition].url
-        columns = read_table(ctx.paths.stage_part("ingest", partition), ["uid", "drop_reason"]).to_pydict()
+        columns = read_table(ctx.read("ingest", partition), ["uid", "drop_reason"]).to_pydict()
         rows, has_text = embeddable(columns["drop_reason"])
         uids = [columns["uid"][r] for r in rows]
         file_of, row_of = index.locate(uids, f"shard {source}")
@@ -727,8 +727,12 @@ def run_provided(ctx) -> None:
     files = fs.resolve_files(provided.metadata, ".parquet")
     if not files:
         raise EmbedError(f"embed.provided.metadata {provided.metadata}: no .parquet files")
-    shape = npz_shape(npz_url(files[0]), EMBEDDING_ARRAYS[provided.embeddings][0])
-    dim = int(shape[1])
+    dim = 0
+    for url in files:  # the first file with rows: an empty shard's arrays may have no width
+        shape = npz_shape(npz_url(url), EMBEDDING_ARRAYS[provided.embeddings][0])
+        if shape[0]:
+            dim = int(shape[1])
+            break
     index = MetadataIndex.build(files)
     log.info("embed: %s embeddings and scores from %d DataComp metadata file(s) (%d rows), no model pass",
              provided.embeddings, len(files), len(index.keys))

@@ -1,7 +1,9 @@
 """Stage 6, write: reshard the kept samples into balanced WebDataset shards, bytes untouched.
 
-The plan (which kept sample goes to which output shard) depends only on the metadata, so output
-shards are independent work items and a rerun redoes only the missing ones. Each worker fetches a
+The plan (which kept sample goes to which output shard) depends only on each partition's kept
+count, which the metadata stage recorded, so the driver never reads a sample: output shard j is a
+few slices of partitions' kept rows. Output shards are independent work items and a rerun redoes
+only the missing ones. Each worker reads the metadata of its slices' partitions, fetches a
 sample's members by the byte ranges ingest recorded, checks the image against its recorded
 sha256, writes a tar with fixed headers, re-lists it, and returns what it really wrote.
 """
@@ -20,12 +22,12 @@ import uuid
 import numpy as np
 
 from pipeline.io import fs
-from pipeline.io.datacomp import write_subset
+from pipeline.io.datacomp import SUBSET_DTYPE, save_subset, uids_to_subset
 from pipeline.io.embeddings import vectors
 from pipeline.io.parquet import read_table
 from pipeline.io.shards import fetch_members
 from pipeline.io.tar import TarWriter
-from pipeline.ray_adapter import map_items
+from pipeline.ray_adapter import map_items, run_remote
 
 NAME = "write"
 PLAN_COLUMNS = [
@@ -63,22 +65,53 @@ def balanced_sizes(count: int, shard_size: int) -> list[int]:
     return [base + (1 if j < extra else 0) for j in range(shards)]
 
 
-def plan_shards(metadata_urls: list[str], partition_urls: dict[int, str], shard_size: int) -> list[dict]:
-    """Kept samples in pool order (partition, row), cut into balanced output shards."""
-    rows: list[dict] = []
-    for url in metadata_urls:
-        table = read_table(url, PLAN_COLUMNS)
-        kept = table.filter(table.column("kept"))
-        rows.extend(kept.drop_columns(["kept"]).to_pylist())
-    rows.sort(key=lambda r: (r["partition"], r["row"]))
-    plan, start = [], 0
-    for index, size in enumerate(balanced_sizes(len(rows), shard_size)):
-        samples = rows[start : start + size]
-        start += size
-        for sample in samples:
-            sample["source"] = partition_urls[sample["partition"]]
-        plan.append({"shard": index, "samples": samples})
+def plan_slices(kept: dict[int, int], shard_size: int) -> list[list[tuple[int, int, int]]]:
+    """Kept samples in pool order (partition, row), cut into balanced output shards.
+
+    `kept` is each partition's number of kept samples. Output shard j (the list at index j) is a
+    run of consecutive kept samples, given as `(partition, first, stop)` slices of those
+    partitions' kept rows in row order; partitions without kept samples appear in no slice.
+    """
+    counts = [(partition, count) for partition, count in sorted(kept.items()) if count]
+    plan = []
+    at, first = 0, 0  # the partition (index into counts) and its first kept row not yet planned
+    for size in balanced_sizes(sum(count for _, count in counts), shard_size):
+        slices = []
+        while size:
+            partition, count = counts[at]
+            stop = min(count, first + size)
+            slices.append((partition, first, stop))
+            size -= stop - first
+            at, first = (at + 1, 0) if stop == count else (at, stop)
+        plan.append(slices)
     return plan
+
+
+def kept_counts(ctx) -> dict[int, int]:
+    """Kept samples per partition, from the metadata stage's record (that stage ran before this one)."""
+    record = ctx.manifest.stage("metadata")
+    stats = record.counts.get("partitions", {}) if record is not None else {}
+    missing = [p.name for p in ctx.partitions if str(p.index) not in stats]
+    if missing:
+        raise WriteError(f"the metadata stage recorded no kept count for {len(missing)} partitions ({missing[0]}, ...)")
+    return {p.index: stats[str(p.index)]["kept"] for p in ctx.partitions}
+
+
+def shard_samples(item: dict) -> list[dict]:
+    """One output shard's samples in pool order: its slices of its partitions' kept rows, each a
+    dict of PLAN_COLUMNS (less `kept`) and the `source` shard URL."""
+    samples: list[dict] = []
+    for partition, first, stop in item["slices"]:
+        table = read_table(item["metadata"][partition], PLAN_COLUMNS)
+        kept = table.filter(table.column("kept")).sort_by("row")
+        if kept.num_rows < stop:
+            raise WriteError(f"{item['metadata'][partition]}: {kept.num_rows} kept samples, the write plan "
+                             f"expects at least {stop}")
+        rows = kept.slice(first, stop - first).drop_columns(["kept"]).to_pylist()
+        for row in rows:
+            row["source"] = item["sources"][partition]
+        samples.extend(rows)
+    return samples
 
 
 def _npy(vector: np.ndarray) -> bytes:
@@ -157,38 +190,55 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls:
 
 
 def write_shard_item(item: dict, progress=None) -> dict:
-    spec = item["spec"]
+    spec = {"shard": item["shard"], "samples": shard_samples(item)}
     count, digest = write_shard(spec, item["out"], item["read_block_bytes"], item["embeddings"], progress)
-    return {"partition": spec["shard"], "count": count, "digest": str(digest)}
+    return {"partition": item["shard"], "count": count, "digest": str(digest)}
+
+
+def write_kept_subset(url: str, metadata_urls: list[str]) -> int:
+    """Write the DataComp subset file of the kept uids, read one metadata file at a time.
+
+    Runs as one remote task, which holds every kept uid (16 bytes each, as SUBSET_DTYPE pairs):
+    the file is one sorted array. The driver holds none of them.
+    """
+    parts = [np.empty(0, dtype=SUBSET_DTYPE)]
+    for metadata_url in metadata_urls:
+        table = read_table(metadata_url, ["uid", "kept"])
+        parts.append(uids_to_subset(table.filter(table.column("kept")).column("uid").to_pylist()))
+    return save_subset(url, np.concatenate(parts))
 
 
 def run(ctx) -> None:
-    metadata_urls = [ctx.paths.metadata_part(p.index) for p in ctx.partitions]
-    partition_urls = {p.index: p.url for p in ctx.partitions}
-    plan = plan_shards(metadata_urls, partition_urls, ctx.config.write.shard_size)
+    plan = plan_slices(kept_counts(ctx), ctx.config.write.shard_size)
     ctx.record.counts["partitions_total"] = len(plan)
-    todo = set(ctx.todo([spec["shard"] for spec in plan]))
-    embedding_urls = {p.index: ctx.paths.stage_part("embed", p.index) for p in ctx.partitions} if ctx.config.write.embeddings else {}
-    items = [
-        {"spec": spec, "out": ctx.paths.shard(spec["shard"]), "embeddings": embedding_urls,
-         "read_block_bytes": ctx.config.write.read_block_bytes}
-        for spec in plan
-        if spec["shard"] in todo
-    ]
-    progress = ctx.progress(sum(len(spec["samples"]) for spec in plan if spec["shard"] in todo))
+    sources = {p.index: p.url for p in ctx.partitions}
+    items = []
+    for shard in ctx.todo(list(range(len(plan)))):
+        partitions = [partition for partition, _, _ in plan[shard]]
+        embeddings = {p: ctx.read("embed", p) for p in partitions} if ctx.config.write.embeddings else {}
+        items.append({
+            "shard": shard,
+            "slices": plan[shard],
+            "metadata": {p: ctx.read("metadata", p) for p in partitions},
+            "sources": {p: sources[p] for p in partitions},
+            "embeddings": embeddings,
+            "out": ctx.paths.shard(shard),
+            "read_block_bytes": ctx.config.write.read_block_bytes,
+        })
+    progress = ctx.progress(sum(stop - first for item in items for _, first, stop in item["slices"]))
     for result in map_items(write_shard_item, items, num_cpus=1, progress=progress):
         ctx.partition_done(result["partition"], {"count": result["count"], "digest": result["digest"]})
     stats = ctx.record.counts.get("partitions", {})
-    sizes = {os.path.basename(ctx.paths.shard(spec["shard"])): stats[str(spec["shard"])]["count"] for spec in plan}
+    sizes = {os.path.basename(ctx.paths.shard(shard)): stats[str(shard)]["count"] for shard in range(len(plan))}
     fs.write_bytes_atomic(ctx.paths.url("shards", "sizes.json"), (json.dumps(sizes, indent=1) + "\n").encode())
-    ctx.record.samples_in = sum(len(spec["samples"]) for spec in plan)
+    ctx.record.samples_in = sum(stop - first for slices in plan for _, first, stop in slices)
     ctx.record.samples_out = sum(sizes.values())
     ctx.record.counts["shards"] = len(plan)
-    ctx.record.counts["digest"] = str(sum(int(stats[str(s["shard"])]["digest"]) for s in plan) % (1 << 128))
+    ctx.record.counts["digest"] = str(sum(int(stats[str(shard)]["digest"]) for shard in range(len(plan))) % (1 << 128))
     _remove_stale_shards(ctx, len(plan))
     if ctx.config.write.subset_file:
-        kept_uids = [sample["uid"] for spec in plan for sample in spec["samples"]]
-        write_subset(ctx.paths.url("datacomp_subset.npy"), kept_uids)
+        metadata_urls = [ctx.paths.metadata_part(p.index) for p in ctx.partitions]
+        run_remote(write_kept_subset, ctx.paths.url("datacomp_subset.npy"), metadata_urls)
 
 
 def _remove_stale_shards(ctx, count: int) -> None:

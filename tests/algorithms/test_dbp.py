@@ -206,3 +206,31 @@ def test_minimum_floors_raise_the_lower_bounds_and_keep_the_sum():
     assert cluster_quotas(sizes, d_intra, d_inter, 25, 0.5, minimum=[20, 0, 0])[0] == 10
     with pytest.raises(ValueError, match="below the sum"):
         cluster_quotas(sizes, d_intra, d_inter, 12, 0.5, minimum=[10, 10, 0])
+
+
+def test_cluster_sums_of_parts_add_up_to_the_sum_of_the_whole_exactly():
+    """Per-partition sums, added in any order, give bit-identical d_intra: the sums are exact."""
+    from fractions import Fraction
+
+    from pipeline.algorithms.dbp import cluster_sums, complexity_from_sums
+
+    rng = np.random.default_rng(3)
+    k, n = 7, 5000
+    labels = rng.integers(0, k, n)
+    dist = np.concatenate([rng.uniform(0, 1, n - 3), [1e-300, -1e-9, 2.0]])  # tiny, negative, large
+    rng.shuffle(dist)
+    sizes, whole = cluster_sums(labels, dist, k)
+    for j in range(k):
+        assert Fraction(whole[j], 2**1126) == sum(Fraction(float(d)) for d in dist[labels == j])
+    cuts = np.sort(rng.choice(n, 9, replace=False))
+    parts = [cluster_sums(l, d, k) for l, d in zip(np.split(labels, cuts), np.split(dist, cuts))]
+    added = [sum(column) for column in zip(*[p[1] for p in reversed(parts)])]
+    assert added == whole
+    assert np.array_equal(np.sum([p[0] for p in parts], axis=0), sizes)
+    centroids = rng.normal(size=(k, 8)).astype(np.float32)
+    a = complexity_from_sums(centroids, sizes, whole, n_neighbors=3)
+    b = cluster_complexity(centroids, labels, dist, n_neighbors=3)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y, equal_nan=True)
+    exact_mean = [float(sum(Fraction(float(d)) for d in dist[labels == j]) / int(sizes[j])) for j in range(k)]
+    assert a[1].tolist() == exact_mean  # correctly rounded means

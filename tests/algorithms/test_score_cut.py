@@ -119,3 +119,24 @@ def test_boundary_values_and_empty_cut():
         True,
     ]
     assert top_fraction_threshold([], 0.5) is None
+
+
+def test_radix_cut_over_partitions_equals_the_global_sort_with_heavy_ties():
+    """Few distinct scores (ties broken by uid across partitions), NaNs, an empty partition and a
+    partition of one: the boundary applied per partition keeps exactly the global top-k."""
+    from pipeline.algorithms.score_cut import RadixCut, keep_at_or_above, partition_histogram, partition_members
+
+    rng = np.random.default_rng(8)
+    n = 3000
+    scores = rng.choice([0.1, 0.25, 0.25000001, np.nan, -0.0, 0.0], n)
+    uids = np.array([f"{v:032x}" for v in rng.permutation(n)])
+    bounds = [0, 0, 1, 1700, 2999, n]  # an empty partition, partitions of one
+    parts = [(scores[a:b], uids[a:b]) for a, b in zip(bounds, bounds[1:])]
+    for fraction in (0.0001, 0.3, 0.5, 0.83, 1.0):
+        cut = RadixCut(n, fraction)
+        while cut.histogram_wanted:
+            cut.add_histogram(sum(partition_histogram(s, *cut.prefix) for s, _ in parts))
+        gathered = [partition_members(s, u, *cut.prefix) for s, u in parts]
+        boundary = cut.boundary([g[0] for g in gathered], [g[1] for g in gathered]) if not cut.empty else None
+        kept = np.concatenate([keep_at_or_above(s, u, boundary) for s, u in parts])
+        assert np.array_equal(kept, top_fraction_keep(scores, uids, fraction)), fraction

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from pipeline.stages.write import WriteError, balanced_sizes, uid_digest, write_shard
+from pipeline.stages.write import WriteError, balanced_sizes, plan_slices, uid_digest, write_shard
 from tests.helpers import jpeg_bytes, make_tar
 
 
@@ -16,6 +16,44 @@ def test_balanced_sizes_cover_everything_within_one(count, size):
     if sizes:
         assert max(sizes) <= size and max(sizes) - min(sizes) <= 1
         assert len(sizes) == -(-count // size)
+
+
+def _expand(plan):
+    """The (partition, kept row) of each planned sample, shard by shard."""
+    return [[(p, i) for p, first, stop in slices for i in range(first, stop)] for slices in plan]
+
+
+def test_plan_slices_number_kept_samples_in_pool_order_and_skip_empty_partitions():
+    kept = {0: 3, 1: 0, 2: 1, 3: 0, 4: 4}
+    plan = plan_slices(kept, 3)  # 8 kept: shards of 3, 3, 2
+    assert plan == [[(0, 0, 3)], [(2, 0, 1), (4, 0, 2)], [(4, 2, 4)]]
+    assert _expand(plan) == [[(0, 0), (0, 1), (0, 2)], [(2, 0), (4, 0), (4, 1)], [(4, 2), (4, 3)]]
+
+
+def test_plan_slices_a_shard_spans_several_partitions_and_a_partition_several_shards():
+    plan = plan_slices({0: 2, 1: 1, 2: 5, 3: 2}, 4)  # 10 kept: shards of 4, 3, 3
+    assert plan == [[(0, 0, 2), (1, 0, 1), (2, 0, 1)], [(2, 1, 4)], [(2, 4, 5), (3, 0, 2)]]
+    assert [sum(stop - first for _, first, stop in slices) for slices in plan] == balanced_sizes(10, 4)
+
+
+def test_plan_slices_partition_with_one_sample_and_all_empty():
+    assert plan_slices({0: 1}, 10) == [[(0, 0, 1)]]
+    assert plan_slices({0: 0, 1: 1, 2: 0}, 1) == [[(1, 0, 1)]]
+    assert plan_slices({0: 0, 1: 0}, 5) == []
+    assert plan_slices({}, 5) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_slices_covers_every_kept_sample_once_in_order(seed):
+    import random
+
+    rng = random.Random(seed)
+    kept = {p: rng.choice([0, 0, 1, rng.randint(0, 50)]) for p in range(rng.randint(0, 12))}
+    size = rng.randint(1, 40)
+    plan = plan_slices(kept, size)
+    assert [len(samples) for samples in _expand(plan)] == balanced_sizes(sum(kept.values()), size)
+    assert [s for samples in _expand(plan) for s in samples] == [(p, i) for p in sorted(kept) for i in range(kept[p])]
+    assert all(first < stop for slices in plan for _, first, stop in slices)
 
 
 def test_uid_digest_is_a_multiset_fingerprint():
@@ -64,3 +102,51 @@ def test_written_shard_has_the_mode_of_an_ordinary_file(tmp_path, umask_022):
     out = tmp_path / "out" / "00000000.tar"
     write_shard({"shard": 0, "samples": [sample]}, str(out), 1 << 16)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def _metadata_file(path, partition, kept):
+    """A metadata file of PLAN_COLUMNS whose rows are stored out of row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(range(len(kept)))[::-1]
+    table = pa.table({
+        "uid": [f"{partition:016x}{row:016x}" for row in rows], "partition": [partition] * len(rows), "row": rows,
+        "kept": [kept[row] for row in rows], "sha256": ["0" * 64] * len(rows), "image_ext": ["jpg"] * len(rows),
+        **{f"{kind}_{field}": rows for kind in ("image", "text", "json") for field in ("offset", "size")},
+    })
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_shard_samples_are_the_slices_of_kept_rows_in_row_order(tmp_path):
+    from pipeline.stages.write import shard_samples
+
+    item = {
+        "slices": [(0, 1, 3), (2, 0, 1)],
+        "metadata": {0: _metadata_file(tmp_path / "m0.parquet", 0, [True, False, True, True, True]),
+                     2: _metadata_file(tmp_path / "m2.parquet", 2, [False, True])},
+        "sources": {0: "pool/a.tar", 2: "pool/c.tar"},
+    }
+    samples = shard_samples(item)
+    assert [(s["partition"], s["row"], s["source"]) for s in samples] == [(0, 2, "pool/a.tar"), (0, 3, "pool/a.tar"),
+                                                                           (2, 1, "pool/c.tar")]
+    assert "kept" not in samples[0]
+    with pytest.raises(WriteError, match="expects at least 5"):
+        shard_samples({**item, "slices": [(2, 0, 5)]})
+
+
+def test_kept_subset_from_the_metadata_equals_the_subset_of_the_kept_uids(tmp_path):
+    from pipeline.io.datacomp import write_subset
+    from pipeline.stages.write import write_kept_subset
+
+    urls = [_metadata_file(tmp_path / "m0.parquet", 3, [True, False, True]),
+            _metadata_file(tmp_path / "m1.parquet", 1, [False, False]),
+            _metadata_file(tmp_path / "m2.parquet", 0, [True, True])]
+    kept = [f"{p:016x}{r:016x}" for p, r in [(3, 0), (3, 2), (0, 0), (0, 1)]]
+    assert write_kept_subset(str(tmp_path / "remote.npy"), urls) == 4
+    write_subset(str(tmp_path / "driver.npy"), kept)
+    assert (tmp_path / "remote.npy").read_bytes() == (tmp_path / "driver.npy").read_bytes()
+    write_kept_subset(str(tmp_path / "none.npy"), [urls[1]])
+    write_subset(str(tmp_path / "none-driver.npy"), [])
+    assert (tmp_path / "none.npy").read_bytes() == (tmp_path / "none-driver.npy").read_bytes()
