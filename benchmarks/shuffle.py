@@ -18,7 +18,7 @@ import time
 import numpy as np
 import ray
 
-from pipeline import ray_adapter
+from pipeline import ray_shuffle
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows, dim, clusters = args.rows_per_block, args.dim, args.clusters
-    shipped = ray_adapter.SORT_SHUFFLE_MAX_BLOCKS
+    shipped = ray_shuffle.SORT_SHUFFLE_MAX_BLOCKS
 
     def emit(item: dict) -> dict:
         rng = np.random.default_rng(item["seed"])
@@ -40,9 +40,9 @@ def main() -> None:
         return {"cluster": batch["cluster"][:1], "rows": np.array([len(batch["cluster"])])}
 
     def timed(blocks: int, max_sort_blocks: int) -> float:
-        ray_adapter.SORT_SHUFFLE_MAX_BLOCKS = max_sort_blocks
+        ray_shuffle.SORT_SHUFFLE_MAX_BLOCKS = max_sort_blocks
         start = time.perf_counter()
-        out = list(ray_adapter.group_map([{"seed": s} for s in range(blocks)], emit, "cluster", count))
+        out = list(ray_shuffle.group_map([{"seed": s} for s in range(blocks)], emit, "cluster", count))
         seconds = time.perf_counter() - start
         assert sum(int(b["rows"].sum()) for b in out) == blocks * rows
         return seconds

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import ray_adapter
+from pipeline import ray_shuffle
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -30,7 +30,7 @@ def _summary(batch: dict) -> dict:
 
 def _groups(items: list[dict]) -> dict:
     out = {}
-    for batch in ray_adapter.group_map(items, _rows, "cluster", _summary, num_cpus=0.5):
+    for batch in ray_shuffle.group_map(items, _rows, "cluster", _summary, num_cpus=0.5):
         for cluster, rows, total in zip(batch["cluster"], batch["rows"], batch["embedding_sum"]):
             assert int(cluster) not in out, "a key reaches one group only"
             out[int(cluster)] = (rows, round(total, 4))
@@ -48,7 +48,7 @@ def test_sort_and_hash_shuffles_give_the_same_groups(monkeypatch):
     expected = {c: (",".join(map(str, sorted(r))), round(t, 4)) for c, (r, t) in expected.items()}
 
     small = _groups(items)  # 6 blocks: the sort shuffle
-    monkeypatch.setattr(ray_adapter, "SORT_SHUFFLE_MAX_BLOCKS", 0)
+    monkeypatch.setattr(ray_shuffle, "SORT_SHUFFLE_MAX_BLOCKS", 0)
     large = _groups(items)  # the hash shuffle, as on a pool of many partitions
     assert small == expected
     assert large == expected

@@ -24,7 +24,8 @@ from pipeline.io.decisions import survivor_rows, updates
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table
 from pipeline.io.reference import ReferencePart, published_with_embeddings
-from pipeline.ray_adapter import gpus_per_worker, group_map, map_to_refs, run_remote, shuffle_map
+from pipeline.ray_adapter import gpus_per_worker, run_remote
+from pipeline.ray_shuffle import group_map, map_to_refs, shuffle_map
 from pipeline.stages.steps import (Step, StepRun, integer_buckets, run_steps, shuffle_decide, string_buckets,
                                    with_partition, write_partition_updates, updates_writer)
 

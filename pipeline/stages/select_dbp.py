@@ -24,7 +24,8 @@ from pipeline.io import fs
 from pipeline.io.decisions import survivor_rows, updates
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
-from pipeline.ray_adapter import gpus_per_worker, map_items, map_to_refs, run_remote
+from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
+from pipeline.ray_shuffle import map_to_refs
 from pipeline.stages.steps import Step, StepRun, integer_buckets, map_results, shuffle_decide, with_partition
 
 log = logging.getLogger("curate")

@@ -29,7 +29,8 @@ import pyarrow as pa
 from pipeline.io import fs
 from pipeline.io.decisions import apply_updates, no_updates, read_updates, read_verdict, survivor_rows, write_updates, write_verdict
 from pipeline.io.parquet import read_table
-from pipeline.ray_adapter import fetch, map_items, map_to_refs, run_remote, shuffle_map
+from pipeline.ray_adapter import map_items, run_remote
+from pipeline.ray_shuffle import fetch, map_to_refs, shuffle_map
 from pipeline.run import PROGRESS_EVERY_S, RunContext
 
 log = logging.getLogger("curate")
