@@ -114,3 +114,127 @@ def start_loopback_server(command: list[str], port: int, what: str, timeout_s: f
         time.sleep(0.2)
     server.kill()
     raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}")
+
+
+# --- real Ray clusters started with `ray start` ---------------------------------------------------
+#
+# `ray stop` ends every Ray process on the machine (this test session's embedded Ray, other people's
+# clusters): a test cluster is stopped by killing its own processes only. Each node is started with
+# its own `--temp-dir` and an environment variable naming it (RAY_NODE_MARK), which every process
+# the node starts inherits: its GCS, raylet, agents, workers, and the Ray client server and jobs,
+# whose command lines do not name the temp dir and whose parent is init once `ray start` exits.
+# Every port a node opens is a free one: with another Ray on the machine the default agent ports
+# clash, and the node's job and runtime-env agents then never come up.
+
+RAY_NODE_MARK = "CURATE_TEST_RAY_NODE"
+
+
+def ray_bin():
+    """This environment's bin directory (its `ray`, and the `python` a cluster's jobs run)."""
+    import sys
+    from pathlib import Path
+
+    return Path(sys.executable).parent
+
+
+def ray_cluster_env() -> dict:
+    """The environment for `ray start` and for the drivers of a test cluster.
+
+    This environment's bin first on PATH (the `python` of `ray job submit -- python ...`); token auth
+    off on both sides (an embedded `ray.init` writes ~/.ray/auth_token, and a later `ray start` would
+    turn token auth on); the repository first on PYTHONPATH, so that the workers the raylets start
+    import this checkout's `pipeline`, not an installed one; no RAY_ADDRESS inherited."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{ray_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join([root, *paths])}
+    env.pop("RAY_ADDRESS", None)
+    env.pop(RAY_NODE_MARK, None)
+    return env
+
+
+def ray_node_ports() -> list[str]:
+    """`ray start` flags giving every per-node server of one node its own free port."""
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+def ray_start(args: list[str], temp_dir: str, env: dict, timeout_s: float = 180) -> None:
+    """`ray start ARGS` under its own temp dir, with its own free per-node ports (ray_node_ports),
+    its processes marked with the temp dir (stop_ray_processes). A failed start is cleared and tried
+    once more (a loaded machine can miss Ray's start-up deadlines; a free port can be taken since);
+    a second failure raises AssertionError with Ray's output."""
+    import subprocess
+
+    failures = []
+    for _ in range(2):
+        command = [str(ray_bin() / "ray"), "start", *args, *ray_node_ports(), f"--temp-dir={temp_dir}",
+                   "--disable-usage-stats"]
+        try:
+            start = subprocess.run(command, env={**env, RAY_NODE_MARK: temp_dir}, capture_output=True, text=True,
+                                   timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            failures.append(f"timed out after {timeout_s}s: {exc.stdout or ''}{exc.stderr or ''}")
+        else:
+            if start.returncode == 0:
+                return
+            failures.append(f"exit {start.returncode}: {start.stdout}{start.stderr}")
+        stop_ray_processes(temp_dir)
+    raise AssertionError(f"ray start {' '.join(args)} failed twice:\n" + "\n---\n".join(failures))
+
+
+def stop_ray_processes(temp_dir: str, timeout_s: float = 60) -> None:
+    """Kill the processes of the Ray node started under `temp_dir` (ray_start) only, and wait until they are gone."""
+    import os
+    import signal
+    import time
+
+    def send(pids, sig):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = ray_processes(temp_dir)
+        if not pids:
+            return
+        # stopped first, so that none of them starts another process between the look and the kill
+        send(pids, signal.SIGSTOP)
+        send(ray_processes(temp_dir), signal.SIGKILL)
+        time.sleep(0.5)
+    raise RuntimeError(f"processes of the Ray node under {temp_dir} outlived SIGKILL: {ray_processes(temp_dir)}")
+
+
+def ray_processes(temp_dir: str) -> list[int]:
+    """The live processes of the Ray node started under `temp_dir`: those whose environment carries
+    its mark or whose command line names the temp dir, and their descendants."""
+    import os
+    from pathlib import Path
+
+    mark = f"{RAY_NODE_MARK}={temp_dir}".encode()
+    parents, matched = {}, set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            state, parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state in ("Z", "X"):  # dead already, waiting for its parent to reap it
+                continue
+            parents[int(proc.name)] = int(parent)
+            if temp_dir.encode() in (proc / "cmdline").read_bytes() or mark in (proc / "environ").read_bytes().split(b"\0"):
+                matched.add(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    found, frontier = set(matched), set(matched)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return sorted(found)

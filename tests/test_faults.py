@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 3  # many small output shards, so the write stage outlasts the manifest's 2 s save throttle
 # The quickstart job without its model (the embedding stage's own resume is tested in
 # tests/stages/test_embed.py).
-OVERRIDES = [f"write.shard_size={SHARD_SIZE}", *WITHOUT_MODEL]
+# A SQL predicate keeps a select stage in the job without a model, so that it can be interrupted too.
+OVERRIDES = [f"write.shard_size={SHARD_SIZE}", *WITHOUT_MODEL, "select.where=caption_words >= 4"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,13 @@ def _stage_progress(out, stage):
     return record
 
 
+def _partly_done(record) -> bool:
+    """Some of a stage's work is recorded: partitions done, or in a stage of global steps (dedup,
+    select) a step decided or some of its partitions applied."""
+    steps = record["counts"].get("steps", {})
+    return bool(record["partitions_done"]) or any("params" in step for step in steps.values())
+
+
 def _assert_same_output(reference, out):
     for folder in ("metadata", "shards"):
         names = sorted(p.name for p in (reference / folder).iterdir())
@@ -72,7 +80,7 @@ def _assert_same_output(reference, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["ingest", "write"])
+@pytest.mark.parametrize("stage", ["ingest", "dedup", "select", "write"])
 def test_driver_killed_mid_stage_then_rerun_gives_identical_output(pool, reference, tmp_path, stage):
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -82,7 +90,7 @@ def test_driver_killed_mid_stage_then_rerun_gives_identical_output(pool, referen
         deadline = time.time() + 300
         while time.time() < deadline:
             record = _stage_progress(out, stage)
-            if record and record["partitions_done"] and not record["complete"]:
+            if record and not record["complete"] and _partly_done(record):
                 break
             assert driver.poll() is None, "the run finished before it could be interrupted"
             time.sleep(0.05)

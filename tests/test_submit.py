@@ -1,10 +1,7 @@
 """The job entry point under `ray job submit`, against a real local cluster started with `ray start`."""
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,64 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import WITHOUT_MODEL
+from tests.helpers import WITHOUT_MODEL, free_port, ray_bin, ray_cluster_env, ray_start, stop_ray_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+BIN = ray_bin()
 
 
 @pytest.fixture
 def ray_cluster():
     port, dashboard = free_port(), free_port()
-    # the agents' default ports are taken when another Ray runs on the machine (this session's own):
-    # the head's job agent then never comes up and every submit is refused
-    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")
-    # the job's `python` is the first on the head's PATH: this environment's, as on a cluster image
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_ports],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
+    env = ray_cluster_env()
     try:
+        ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}"],
+                  temp_dir, env)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        stop_cluster(temp_dir)
+        stop_ray_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def stop_cluster(temp_dir: str) -> None:
-    """Kill the processes of the cluster under `temp_dir` only (`ray stop` would also kill the test
-    session's own embedded Ray, and the session with it)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                if temp_dir.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
 
 
 def submit(address: str, env: dict, args: list[str]) -> subprocess.CompletedProcess:

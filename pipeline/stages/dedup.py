@@ -20,7 +20,7 @@ import pyarrow as pa
 from pipeline.algorithms.exact_dup import exact_duplicates
 from pipeline.algorithms.near_dup import _compress, connected_components, hamming_distance, index_plan, near_duplicates
 from pipeline.algorithms.semdedup import semdedup_cluster_with_similarity
-from pipeline.io.decisions import survivor_rows, updates
+from pipeline.io.decisions import updates
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table
 from pipeline.io.reference import ReferencePart, published_with_embeddings
@@ -362,7 +362,7 @@ def semdedup_group(batch: dict, eps: float, block_size: int, device: str) -> pa.
 
 def semantic_step(reference) -> Step:
     def decide(run: StepRun) -> dict:
-        paths, settings = run.ctx.paths, run.config.dedup
+        settings = run.config.dedup
         items = [{"kind": "new", "partition": i, "verdict": url, "cluster": run.ctx.read("cluster", i),
                   "embed": run.ctx.read("embed", i), "run": "", "metadata": "", "embeddings": ""}
                  for i, url in sorted(run.inputs.items())]

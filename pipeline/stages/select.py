@@ -172,7 +172,6 @@ def where_local(verdict: pa.Table, item: dict) -> pa.Table:
 
 def where_step(extra_stages: list[str]) -> Step:
     def decide(run: StepRun) -> dict:
-        paths = run.ctx.paths
         return {"where": run.config.select.where, "ingest": run.ctx.read_pattern("ingest"),
                 "extras": [run.ctx.read_pattern(stage) for stage in extra_stages]}
 
