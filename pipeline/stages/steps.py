@@ -85,8 +85,9 @@ class StepRun:
     def cpus(self) -> float:
         return _cpus(self.ctx)
 
-    def save(self) -> None:
-        self.ctx.manifest.set_stage(self.ctx.stage_name, self.ctx.record, throttle_s=2.0)
+    def save(self, now: bool = False) -> None:
+        """Record the step's state in the manifest: at most every 2 s, or at once (`now`)."""
+        self.ctx.manifest.set_stage(self.ctx.stage_name, self.ctx.record, throttle_s=0.0 if now else 2.0)
 
     def partition_items(self, **extra) -> list[dict]:
         return [{"partition": i, "verdict": url, **extra} for i, url in sorted(self.inputs.items())]
@@ -131,7 +132,7 @@ def _run_step(run: StepRun, step: Step, outputs: dict[int, str]) -> None:
         fs.remove_tree(run.url("updates"))  # what an interrupted attempt wrote
         state["params"] = step.decide(run) if step.decide else {}
         state["decided_s"] = round(time.perf_counter() - started, 3)
-        run.save()
+        run.save(now=True)  # a global decision can take long: never redo it for want of a save
         if step.decide:
             log.info("%s: decided over %d samples in %.1fs", name, run.entering, state["decided_s"])
     applied = state.setdefault("applied", {})
