@@ -19,6 +19,7 @@ from pipeline.io import fs
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
+from pipeline.ray_shuffle import map_to_refs
 
 log = logging.getLogger("curate")
 NAME = "cluster"
@@ -47,35 +48,51 @@ def load_centroids(url: str) -> np.ndarray:
         raise FileNotFoundError(f"centroids {url} not found") from exc
 
 
-def training_vectors(ingest_urls: dict[int, str], embed_urls: dict[int, str], max_train_points: int, seed: int) -> np.ndarray:
-    """The seeded training sample (at most max_train_points) of embeddings of ingest+basic survivors."""
-    counts, eligible = [], {}
-    for partition in sorted(ingest_urls):
-        reasons = read_table(ingest_urls[partition], ["drop_reason"]).column("drop_reason")
-        embedded = read_table(embed_urls[partition], ["image_embedding"]).column("image_embedding").is_valid()
-        ok = np.asarray(reasons.is_null().to_numpy(zero_copy_only=False)) & np.asarray(embedded.to_numpy(zero_copy_only=False))
-        eligible[partition] = np.flatnonzero(ok)
-        counts.append(len(eligible[partition]))
-    total = sum(counts)
+def eligible_rows(item: dict) -> np.ndarray:
+    """Rows of a partition that survived ingest and have an image embedding (what k-means may train on)."""
+    reasons = read_table(item["ingest"], ["drop_reason"]).column("drop_reason")
+    embedded = read_table(item["embed"], ["image_embedding"]).column("image_embedding").is_valid()
+    ok = np.asarray(reasons.is_null().to_numpy(zero_copy_only=False)) & np.asarray(embedded.to_numpy(zero_copy_only=False))
+    return np.flatnonzero(ok)
+
+
+def count_eligible(item: dict) -> dict:
+    return {"partition": item["partition"], "count": int(len(eligible_rows(item)))}
+
+
+def sample_vectors(item: dict) -> pa.Table:
+    """The embeddings of this partition's sampled rows (picks: positions among its eligible rows)."""
+    rows = eligible_rows(item)[np.asarray(item["picks"], dtype=np.int64)]
+    present, matrix = read_vectors(item["embed"])
+    vectors = np.ascontiguousarray(matrix[(np.cumsum(present) - 1)[rows]], dtype=np.float32)
+    return pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
+                                                                 vectors.shape[1])})
+
+
+def training_sample(items: list[dict], max_train_points: int, seed: int) -> tuple[list, int]:
+    """The seeded training sample (at most max_train_points) of the eligible rows, as references to
+    per-partition tables in partition order: the driver holds counts and the sampled positions only."""
+    counts = {r["partition"]: r["count"] for r in map_items(count_eligible, items, num_cpus=1)}
+    total = sum(counts.values())
     chosen = train_sample(total, max_train_points, seed) if total else np.empty(0, np.int64)
-    parts, start = [], 0
-    for partition, count in zip(sorted(ingest_urls), counts):
+    picked, start = [], 0
+    for item in sorted(items, key=lambda i: i["partition"]):
+        count = counts[item["partition"]]
         picks = chosen[(chosen >= start) & (chosen < start + count)] - start
         start += count
-        if len(picks) == 0:
-            continue
-        present, matrix = read_vectors(embed_urls[partition])
-        position = np.cumsum(present) - 1  # row -> index among present rows
-        parts.append(matrix[position[eligible[partition][picks]]])
-    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+        if len(picks):
+            picked.append({**item, "picks": picks.tolist()})
+    refs = sorted(((item["partition"], ref) for item, ref, _ in map_to_refs(sample_vectors, picked)), key=lambda r: r[0])
+    return [ref for _, ref in refs], len(chosen)
 
 
-def train(config, ingest_urls, embed_urls, centroids_url: str) -> dict:
-    """Train and save the centroids; returns k and the training sample size."""
+def train(config, centroids_url: str, *samples: pa.Table) -> dict:
+    """Train and save the centroids on the gathered sample; returns k and the training sample size."""
     settings = config.cluster
-    sample = training_vectors(ingest_urls, embed_urls, settings.max_train_points, settings.seed)
-    if len(sample) == 0:
+    column = pa.concat_tables(samples).column("vector").combine_chunks() if samples else None
+    if column is None or len(column) == 0:
         raise ValueError("no embedded samples survived ingest and the basic filter: nothing to cluster")
+    sample = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
     k = settings.k or max(1, round(len(sample) / settings.samples_per_cluster))
     if k > len(sample):
         log.warning("cluster.k=%d exceeds the %d training samples; using k=%d", k, len(sample), len(sample))
@@ -88,6 +105,13 @@ def train(config, ingest_urls, embed_urls, centroids_url: str) -> dict:
     )
     save_centroids(centroids, centroids_url)
     return {"k": k, "trained_on": len(sample)}
+
+
+def cluster_sizes(item: dict) -> dict:
+    """Members per cluster in one partition's assignment."""
+    cluster = read_table(item["out"], ["cluster"]).column("cluster")
+    valid = cluster.drop_null().to_numpy().astype(np.int64)
+    return {"partition": item["partition"], "sizes": np.bincount(valid, minlength=item["k"])}
 
 
 def assign_partition(item: dict) -> dict:
@@ -107,8 +131,7 @@ def assign_partition(item: dict) -> dict:
         schema=CLUSTER_SCHEMA,
     )
     write_table_atomic(table, item["out"])
-    sizes = np.bincount(cluster[present], minlength=len(centroids))
-    return {"partition": item["partition"], "samples": int(present.sum()), "sizes": sizes.tolist()}
+    return {"partition": item["partition"], "samples": int(present.sum())}
 
 
 def run(ctx) -> None:
@@ -124,17 +147,23 @@ def run(ctx) -> None:
             save_centroids(load_centroids(given), centroids_url)
         ctx.record.counts["centroids_from"] = given
     elif not fs.exists(centroids_url):
+        sources = [{"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i]} for i in indices]
+        samples, _ = training_sample(sources, settings.max_train_points, settings.seed)
         gpus = gpus_per_worker(ctx.resources)
-        ctx.record.counts.update(run_remote(train, ctx.config, ingest_urls, embed_urls, centroids_url, num_gpus=gpus))
+        ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, *samples, num_gpus=gpus))
     items = [
         {"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "centroids": centroids_url,
          "out": ctx.paths.stage_part(NAME, i)}
         for i in ctx.todo(indices)
     ]
     for result in map_items(assign_partition, items, num_cpus=1):
-        ctx.partition_done(result["partition"], {"samples": result["samples"], "sizes": result["sizes"]})
+        ctx.partition_done(result["partition"], {"samples": result["samples"]})
     stats = ctx.record.counts.get("partitions", {}).values()
-    sizes = np.sum([np.asarray(s["sizes"]) for s in stats], axis=0) if stats else np.zeros(0)
+    k = len(load_centroids(centroids_url))
+    sizes = np.zeros(k, np.int64)  # added up as partitions report: the driver holds K counts, not P x K
+    for result in map_items(cluster_sizes, [{"partition": i, "out": ctx.paths.stage_part(NAME, i), "k": k}
+                                            for i in indices], num_cpus=1):
+        sizes += result["sizes"]
     write_table_atomic(
         pa.table({"clustering": pa.array(["dedup"] * len(sizes)), "cluster": pa.array(np.arange(len(sizes)), pa.int32()),
                   "size": pa.array(sizes, pa.int64())}),

@@ -26,7 +26,7 @@ from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
 from pipeline.ray_shuffle import map_to_refs
-from pipeline.stages.steps import Step, StepRun, integer_buckets, map_results, shuffle_decide, with_partition
+from pipeline.stages.steps import Step, StepRun, integer_buckets, shuffle_decide, with_partition
 
 log = logging.getLogger("curate")
 DBP_CENTROIDS = "dbp_centroids.npy"
@@ -124,6 +124,16 @@ def cluster_aggregate(item: dict) -> dict:
     return {"partition": item["partition"], "sizes": sizes, "sums": sums, "published": published}
 
 
+def _added(fn, items: list[dict], k: int) -> dict:
+    """Per-cluster aggregates of many partitions, added up as they arrive (the driver holds K of each)."""
+    total = {"sizes": np.zeros(k, np.int64), "sums": [0] * k, "published": np.zeros(k, np.int64)}
+    for result in map_items(fn, items, num_cpus=1):
+        total["sizes"] += result["sizes"]
+        total["published"] += result["published"]
+        total["sums"] = [a + b for a, b in zip(total["sums"], result["sums"])]
+    return total
+
+
 # -- shuffle: the hardest members of each cluster -------------------------------------------------
 
 def emit_members(item: dict, buckets: int, **_) -> pa.Table:
@@ -191,15 +201,14 @@ def decide(run: StepRun) -> dict:
     for result in map_items(assign_dbp_partition, items, num_cpus=1):
         assigned.append(result["partition"])
         run.save()
-    parts = map_results(cluster_aggregate, [{"partition": i, "assignment": pattern.format(partition=i), "k": k}
-                                            for i in sorted(run.inputs)], "select.dbp sums")
-    refs = map_results(cluster_aggregate, [{"partition": -1 - j, "assignment": part.metadata, "k": k, "reference": True}
-                                           for j, part in enumerate(reference.parts())] if reference else [],
-                       "select.dbp reference sums")
-    new_sizes = np.sum([p["sizes"] for p in parts], axis=0).astype(np.int64)
-    sizes_all = new_sizes + np.sum([r["sizes"] for r in refs], axis=0).astype(np.int64) if refs else new_sizes
-    sums_all = [sum(column) for column in zip(*[p["sums"] for p in parts + refs])]
-    published = np.sum([r["published"] for r in refs], axis=0).astype(np.int64) if refs else np.zeros(k, np.int64)
+    new = _added(cluster_aggregate, [{"partition": i, "assignment": pattern.format(partition=i), "k": k}
+                                     for i in sorted(run.inputs)], k)
+    earlier = _added(cluster_aggregate, [{"partition": -1 - j, "assignment": part.metadata, "k": k, "reference": True}
+                                         for j, part in enumerate(reference.parts())] if reference else [], k)
+    new_sizes = new["sizes"]
+    sizes_all = new_sizes + earlier["sizes"]
+    sums_all = [a + b for a, b in zip(new["sums"], earlier["sums"])]
+    published = earlier["published"]
     sizes, d_intra, d_inter = complexity_from_sums(_load_centroids(centroids_url), sizes_all, sums_all,
                                                    n_neighbors=dbp.n_neighbors)
     room = published + new_sizes  # pruned earlier samples cannot come back

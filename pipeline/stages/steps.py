@@ -244,16 +244,6 @@ def integer_buckets(values: np.ndarray, buckets: int) -> np.ndarray:
     return ((mixed >> np.uint64(17)) % np.uint64(buckets)).astype(np.int64)
 
 
-def map_results(fn: Callable[[dict], dict], items: list[dict], what: str, num_cpus: float = 1.0) -> list[dict]:
-    """Small per-partition results (counts, histograms, aggregates) in partition order, with progress."""
-    progress = _Progress(what, len(items), 0)
-    results = []
-    for result in map_items(fn, items, num_cpus=num_cpus):
-        results.append(result)
-        progress.step()
-    return sorted(results, key=lambda r: r["partition"])
-
-
 class _Progress:
     """Partitions done, rate and ETA of one phase, logged at most every PROGRESS_EVERY_S seconds."""
 
