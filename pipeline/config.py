@@ -82,9 +82,10 @@ class RayConfig(Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded Ray (default: all).")
     rows_per_bucket: int = Field(
-        1_000_000, ge=1,
+        250_000, ge=1,
         description="Keyed records per shuffle bucket in dedup's and select's global steps: bounds what one task "
-        "holds (about 100 bytes a record; pHash dedup makes one record per sample and index table). Results do "
+        "holds (a task needs about 1 KB a record while it decides; pHash dedup makes one record per sample and index "
+        "table). Results do "
         "not depend on it.",
     )
 
