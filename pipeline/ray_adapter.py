@@ -17,6 +17,7 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
+import ray.data  # noqa: F401  (sets up Ray Data's loggers, which _quiet_ray_loggers below filters)
 
 from pipeline.ray_progress import Progress, Reporter
 

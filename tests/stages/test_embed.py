@@ -414,7 +414,7 @@ def test_a_shard_changed_under_the_run_stops_it_naming_shard_and_uid(ray_local, 
         handle.write(b"\0" * row["image_size"])
     record = StageRecord(fingerprint="test", counts={"partitions_total": 1})
     ctx = RunContext(config, paths, discover_partitions(config), Manifest.load(paths.manifest), record, "embed",
-                     time.perf_counter())
+                     time.perf_counter(), reads=("ingest",))  # what pipeline.stages declares embed reads
     with pytest.raises(embed.EmbedError, match=rf"shard {shard}: sample {row['uid']}: .* does not decode"):
         embed.run(ctx)
 
