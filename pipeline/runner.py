@@ -185,7 +185,12 @@ def _run(config: CurateConfig, checked: Checked) -> RunSummary:
             for i in changed:
                 record.counts.get("partitions", {}).pop(str(i), None)
         else:
-            log.info("%s: resuming, %d partitions already done", step.name, len(record.partitions_done))
+            steps = record.counts.get("steps", {})
+            if steps:  # a stage of global steps resumes step by step (pipeline.stages.steps)
+                log.info("%s: resuming, %d of its steps already finished", step.name,
+                         sum(1 for state in steps.values() if state.get("complete")))
+            else:
+                log.info("%s: resuming, %d partitions already done", step.name, len(record.partitions_done))
         record.inputs = inputs
         record.skipped = False
         record.counts.setdefault("partitions_total", len(partitions))
