@@ -14,12 +14,13 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipeline.algorithms.kmeans import assign_to_centroids, train_sample, train_spherical_kmeans
+from pipeline.algorithms.kmeans import assign_to_centroids, train_spherical_kmeans
 from pipeline.io import fs
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
-from pipeline.ray_shuffle import map_to_refs
+from pipeline.stages import training_sample
+from pipeline.stages.training_sample import stacked, vectors_table
 
 log = logging.getLogger("curate")
 NAME = "cluster"
@@ -64,35 +65,15 @@ def sample_vectors(item: dict) -> pa.Table:
     """The embeddings of this partition's sampled rows (picks: positions among its eligible rows)."""
     rows = eligible_rows(item)[np.asarray(item["picks"], dtype=np.int64)]
     present, matrix = read_vectors(item["embed"])
-    vectors = np.ascontiguousarray(matrix[(np.cumsum(present) - 1)[rows]], dtype=np.float32)
-    return pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()),
-                                                                 vectors.shape[1])})
-
-
-def training_sample(items: list[dict], max_train_points: int, seed: int) -> tuple[list, int]:
-    """The seeded training sample (at most max_train_points) of the eligible rows, as references to
-    per-partition tables in partition order: the driver holds counts and the sampled positions only."""
-    counts = {r["partition"]: r["count"] for r in map_items(count_eligible, items, num_cpus=1)}
-    total = sum(counts.values())
-    chosen = train_sample(total, max_train_points, seed) if total else np.empty(0, np.int64)
-    picked, start = [], 0
-    for item in sorted(items, key=lambda i: i["partition"]):
-        count = counts[item["partition"]]
-        picks = chosen[(chosen >= start) & (chosen < start + count)] - start
-        start += count
-        if len(picks):
-            picked.append({**item, "picks": picks.tolist()})
-    refs = sorted(((item["partition"], ref) for item, ref, _ in map_to_refs(sample_vectors, picked)), key=lambda r: r[0])
-    return [ref for _, ref in refs], len(chosen)
+    return vectors_table(matrix[(np.cumsum(present) - 1)[rows]])
 
 
 def train(config, centroids_url: str, *samples: pa.Table) -> dict:
     """Train and save the centroids on the gathered sample; returns k and the training sample size."""
     settings = config.cluster
-    column = pa.concat_tables(samples).column("vector").combine_chunks() if samples else None
-    if column is None or len(column) == 0:
+    sample = stacked(samples)
+    if len(sample) == 0:
         raise ValueError("no embedded samples survived ingest and the basic filter: nothing to cluster")
-    sample = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
     k = settings.k or max(1, round(len(sample) / settings.samples_per_cluster))
     if k > len(sample):
         log.warning("cluster.k=%d exceeds the %d training samples; using k=%d", k, len(sample), len(sample))
@@ -148,7 +129,8 @@ def run(ctx) -> None:
         ctx.record.counts["centroids_from"] = given
     elif not fs.exists(centroids_url):
         sources = [{"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i]} for i in indices]
-        samples, _ = training_sample(sources, settings.max_train_points, settings.seed)
+        counts = {r["partition"]: r["count"] for r in map_items(count_eligible, sources, num_cpus=1)}
+        samples, _ = training_sample.gather(sources, counts, settings.max_train_points, settings.seed, sample_vectors)
         gpus = gpus_per_worker(ctx.resources)
         ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, *samples, num_gpus=gpus))
     items = [

@@ -18,14 +18,15 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.algorithms.dbp import cluster_quotas, cluster_sums, complexity_from_sums, quota_bounds, select_in_clusters
-from pipeline.algorithms.kmeans import assign_to_centroids, train_sample, train_spherical_kmeans
+from pipeline.algorithms.kmeans import assign_to_centroids, train_spherical_kmeans
 from pipeline.algorithms.score_cut import keep_count
 from pipeline.io import fs
 from pipeline.io.decisions import survivor_rows, updates
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
-from pipeline.ray_shuffle import map_to_refs
+from pipeline.stages import training_sample
+from pipeline.stages.training_sample import stacked, vectors_table
 from pipeline.stages.steps import Step, StepRun, integer_buckets, shuffle_decide, with_partition
 
 log = logging.getLogger("curate")
@@ -60,15 +61,12 @@ def sample_embeddings(item: dict) -> pa.Table:
     chosen = rows[np.asarray(item["picks"], dtype=np.int64)]
     if not present[chosen].all():
         raise DbpError(f"partition {item['partition']}: a sample reaching DBP has no image embedding")
-    vectors = np.ascontiguousarray(matrix[(np.cumsum(present) - 1)[chosen]], dtype=np.float32)
-    flat = pa.array(vectors.reshape(-1), pa.float32())
-    return pa.table({"vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+    return vectors_table(matrix[(np.cumsum(present) - 1)[chosen]])
 
 
 def train_centroids(dbp, k: int, centroids_url: str, *samples: pa.Table) -> int:
     """Spherical k-means on the gathered sample (partition order); saves the centroids."""
-    column = pa.concat_tables(samples).column("vector").combine_chunks()
-    sample = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    sample = stacked(samples)
     import faiss
 
     use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
@@ -234,21 +232,13 @@ def decide(run: StepRun) -> dict:
 def _train(run: StepRun, centroids_url: str) -> None:
     """k-means on a seeded sample of the survivors, fetched from the partitions that hold it."""
     dbp = run.config.select.dbp
-    chosen = train_sample(run.entering, dbp.max_train_points, dbp.seed)
-    items, start = [], 0
-    for i, url in sorted(run.inputs.items()):
-        n = run.survivors[i]
-        picks = chosen[(chosen >= start) & (chosen < start + n)] - start
-        start += n
-        if len(picks):
-            items.append({"partition": i, "verdict": url, "embed": run.ctx.read("embed", i),
-                          "picks": picks.tolist()})
-    refs = sorted(((item["partition"], ref) for item, ref, _ in map_to_refs(sample_embeddings, items)), key=lambda r: r[0])
-    k = min(dbp.k, len(chosen), dbp_target(dbp, run.entering))
+    items = [{"partition": i, "verdict": url, "embed": run.ctx.read("embed", i)} for i, url in sorted(run.inputs.items())]
+    refs, sampled = training_sample.gather(items, run.survivors, dbp.max_train_points, dbp.seed, sample_embeddings)
+    k = min(dbp.k, sampled, dbp_target(dbp, run.entering))
     if k < dbp.k:
         log.info("select.dbp: k=%d (capped from %d by the %d samples entering DBP and the target)", k, dbp.k, run.entering)
     gpus = gpus_per_worker(run.ctx.resources)
-    run_remote(train_centroids, dbp, k, centroids_url, *[ref for _, ref in refs], num_gpus=gpus)
+    run_remote(train_centroids, dbp, k, centroids_url, *refs, num_gpus=gpus)
 
 
 def _write_cluster_table(url, sizes, d_intra, d_inter, quotas, kept, published) -> None:
