@@ -29,10 +29,9 @@ from pipeline.io.catalog import connect as connect_catalog
 from pipeline.io.manifest import Manifest, StageRecord, package_versions
 from pipeline.io.reference import Reference
 from pipeline.ray_adapter import connect as connect_ray
-from pipeline.ray_adapter import map_items
 from pipeline.reasons import REASON_NAMES
 from pipeline.run import Partition, RunContext, RunPaths, discover_partitions, fingerprint
-from pipeline.stages import Stage, ingest, metadata, planned, select
+from pipeline.stages import Stage, ingest, planned, select
 
 log = logging.getLogger("curate")
 
@@ -338,7 +337,8 @@ def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
         problems.append(f"{kept} kept samples but {written} written ({sum(json.loads(sizes).values())} in sizes.json)")
     elif recorded != kept:
         problems.append(f"the metadata stage recorded {recorded} kept samples, the metadata files hold {kept}")
-    elif str(_kept_digest(paths, partitions)) != stages["write"]["counts"].get("digest", "0"):
+    elif str(sum(int(s["digest"]) for s in partitions.values()) % (1 << 128)) != stages["write"]["counts"].get(
+            "digest", "0"):
         problems.append("the uids in the output shards differ from the kept uids in the metadata")
     if problems:
         raise InvariantError("output does not account for the input: " + "; ".join(problems))
@@ -347,19 +347,6 @@ def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
         name: {k: stages[name][k] for k in ("seconds", "samples_in", "samples_out", "skipped")} for name in stages
     }
     return RunSummary(paths.root, total, kept, ordered, stage_table, stages["write"]["counts"].get("shards", 0))
-
-
-def _kept_digest(paths: RunPaths, partitions: dict[str, dict]) -> int:
-    """The kept-uid digest of the whole metadata: the sum of the metadata stage's per-partition ones.
-
-    A partition recorded without one (by a version that did not record it, its metadata stage
-    skipped since) has it computed again from its metadata file, in a task.
-    """
-    digests = {int(p): int(s["digest"]) for p, s in partitions.items() if "digest" in s}
-    missing = [{"partition": int(p), "url": paths.metadata_part(int(p))} for p, s in partitions.items() if "digest" not in s]
-    for result in map_items(metadata.kept_digest, missing, num_cpus=0.5):
-        digests[result["partition"]] = int(result["digest"])
-    return sum(digests.values()) % (1 << 128)
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -40,13 +40,6 @@ def finalize_partition(item: dict) -> dict:
     return {"partition": item["partition"], "samples": table.num_rows, "kept": kept, "digest": str(digest)}
 
 
-def kept_digest(item: dict) -> dict:
-    """The kept-uid digest of one written metadata file (for a record from before digests were kept)."""
-    table = read_table(item["url"], ["uid", "kept"])
-    digest = uid_digest(table.filter(table.column("kept")).column("uid").to_pylist())
-    return {"partition": item["partition"], "digest": str(digest)}
-
-
 def run(ctx) -> None:
     verdict_stage = "select" if ctx.reading("select") else "dedup"
     extra_stages = [stage for stage in ("embed", "cluster") if ctx.reading(stage)]
