@@ -108,6 +108,21 @@ def test_a_bad_predicate_fails_before_any_work(synth_pool, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", [
+    "clip_score > (select avg(clip_score) from samples)",
+    "uid in (select uid from samples order by clip_score desc limit 10)",
+    "avg(clip_score) > 0.2",
+    "row_number() over (order by clip_score) < 10",
+])
+def test_a_predicate_over_the_whole_pool_is_refused_before_any_work(synth_pool, tmp_path, where):
+    """select.where runs one partition at a time: a subquery, an aggregate or a window would
+    silently mean something else there, so each is refused at start, naming the key."""
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="select.where"):
+        run_pipeline(run_config(synth_pool, out, select={"where": where}))
+    assert not out.exists()
+
+
 def test_steps_without_their_inputs_are_rejected_at_load():
     from pipeline.config import ConfigError, load_config
 
