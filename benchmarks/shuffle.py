@@ -42,7 +42,8 @@ def main() -> None:
     def timed(blocks: int, max_sort_blocks: int) -> float:
         ray_shuffle.SORT_SHUFFLE_MAX_BLOCKS = max_sort_blocks
         start = time.perf_counter()
-        out = list(ray_shuffle.group_map([{"seed": s} for s in range(blocks)], emit, "cluster", count))
+        out = list(ray_shuffle.group_map([{"seed": s} for s in range(blocks)], emit, "cluster", count,
+                                         num_partitions=200, map_batch_bytes=64 * 2**20))
         seconds = time.perf_counter() - start
         assert sum(int(b["rows"].sum()) for b in out) == blocks * rows
         return seconds

@@ -88,6 +88,11 @@ class RayConfig(Section):
         "table). Results do "
         "not depend on it.",
     )
+    shuffle_map_mib: int = Field(
+        64, ge=1,
+        description="Input a shuffle's map task gathers before it partitions it (Ray Data's shuffle_input_batch_bytes, "
+        "1 GiB by default there): the task needs about three times this. Results do not depend on it.",
+    )
 
 
 class IngestConfig(Section):

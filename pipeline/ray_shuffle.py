@@ -28,10 +28,22 @@ def _quiet_data_context() -> None:
     _quiet_ray_loggers()
 
 
-# Ray Data's default hash shuffle first starts a pool of aggregator actors: seconds of fixed cost,
-# more than the whole shuffle of a few dozen blocks. Below this many input blocks the sort shuffle,
-# which has no such start, is used; above it the hash shuffle's scaling pays for its start.
+# Ray Data's default hash shuffle has seconds of fixed cost, more than the whole shuffle of a few
+# dozen blocks. Below this many input blocks the sort shuffle, which has no such start, is used;
+# above it the hash shuffle's scaling pays for its start.
 SORT_SHUFFLE_MAX_BLOCKS = 32
+
+
+def _shuffled(dataset, blocks: int, map_batch_bytes: int):
+    """Pick the shuffle for `blocks` input blocks. The hash shuffle's map task first concatenates
+    input blocks up to `map_batch_bytes` (Ray Data's default is 1 GiB) and needs about three times
+    that while it partitions them: left at the default, the largest process of a shuffle grows with
+    the pool until the pool's records pass 1 GiB."""
+    context = dataset.context
+    context.shuffle_input_batch_bytes = map_batch_bytes
+    if blocks <= SORT_SHUFFLE_MAX_BLOCKS:
+        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return dataset
 
 
 def group_map(
@@ -42,14 +54,16 @@ def group_map(
     *,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
-    num_partitions: int | None = None,
+    num_partitions: int,
+    map_batch_bytes: int,
     then: tuple[str, Callable] | None = None,
 ) -> Iterator[dict]:
     """Shuffle rows by `key` and run `per_group` on each group, in parallel.
 
     `emit(item)` returns a batch (dict of numpy arrays, 2-D arrays allowed) for one work item;
     Ray Data hash-partitions the rows by `key` and calls `per_group(batch)` once per distinct key
-    with all of that key's rows. With `then=(key2, fn)` the results are shuffled again by `key2`
+    with all of that key's rows; `num_partitions` bounds how many keys' rows a task holds at once
+    (a hash-shuffle reduce task holds about 1/num_partitions of all rows). With `then=(key2, fn)` the results are shuffled again by `key2`
     and `fn(table)` (an Arrow table) runs once per value of it (to route results home to their
     partition). Yields the last step's result batches as they complete. No process ever holds
     more than the groups it was given.
@@ -61,11 +75,9 @@ def group_map(
     def emit_batch(batch: dict) -> dict:
         return emit({name: values[0] for name, values in batch.items()})
 
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    dataset = _shuffled(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         emit_batch, batch_size=1, batch_format="numpy", num_cpus=num_cpus
-    )
-    if len(items) <= SORT_SHUFFLE_MAX_BLOCKS:
-        dataset.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ), len(items), map_batch_bytes)
     groups = dataset.groupby(key, num_partitions=num_partitions).map_groups(
         per_group, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus or None
     )
@@ -116,8 +128,8 @@ def _table_and_rows(fn: Callable, item: dict, kwargs: dict):
     return table, table.num_rows
 
 
-def shuffle_map(refs: list, key: str, fn: Callable, *, partitions: int, num_cpus: float = 1.0,
-                num_gpus: float = 0.0) -> list:
+def shuffle_map(refs: list, key: str, fn: Callable, *, partitions: int, map_batch_bytes: int,
+                num_cpus: float = 1.0, num_gpus: float = 0.0) -> list:
     """Ray Data hash-partitions the Arrow record tables behind `refs` by the column `key` and calls
     `fn(table)` once per distinct key value with all of its rows; returns references to the
     result tables. `partitions` bounds how many keys' rows a task holds at once: with one key
@@ -125,9 +137,7 @@ def shuffle_map(refs: list, key: str, fn: Callable, *, partitions: int, num_cpus
     if not refs:
         return []
     _quiet_data_context()
-    dataset = ray.data.from_arrow_refs(list(refs))
-    if len(refs) <= SORT_SHUFFLE_MAX_BLOCKS:
-        dataset.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    dataset = _shuffled(ray.data.from_arrow_refs(list(refs)), len(refs), map_batch_bytes)
     grouped = dataset.groupby(key, num_partitions=max(1, partitions)).map_groups(
         fn, batch_format="pyarrow", num_cpus=num_cpus, num_gpus=num_gpus or None)
     return list(grouped.materialize().to_arrow_refs())

@@ -28,9 +28,10 @@ def _summary(batch: dict) -> dict:
     }
 
 
-def _groups(items: list[dict]) -> dict:
+def _groups(items: list[dict], map_batch_bytes: int = 2**26) -> dict:
     out = {}
-    for batch in ray_shuffle.group_map(items, _rows, "cluster", _summary, num_cpus=0.5):
+    for batch in ray_shuffle.group_map(items, _rows, "cluster", _summary, num_cpus=0.5, num_partitions=3,
+                                       map_batch_bytes=map_batch_bytes):
         for cluster, rows, total in zip(batch["cluster"], batch["rows"], batch["embedding_sum"]):
             assert int(cluster) not in out, "a key reaches one group only"
             out[int(cluster)] = (rows, round(total, 4))
@@ -50,5 +51,7 @@ def test_sort_and_hash_shuffles_give_the_same_groups(monkeypatch):
     small = _groups(items)  # 6 blocks: the sort shuffle
     monkeypatch.setattr(ray_shuffle, "SORT_SHUFFLE_MAX_BLOCKS", 0)
     large = _groups(items)  # the hash shuffle, as on a pool of many partitions
+    batched = _groups(items, map_batch_bytes=1)  # the hash shuffle, one input block per map task
     assert small == expected
     assert large == expected
+    assert batched == expected

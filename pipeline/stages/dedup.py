@@ -295,7 +295,8 @@ def phash_step(reference) -> Step:
         if buckets == 1:
             return {"dropped": shuffle_decide(run, emit_phash, items, decide_phash_all, kwargs, records=samples)}
         refs = [ref for _, ref, _ in map_to_refs(emit_phash, items, kwargs={"buckets": buckets, "plan": plan})]
-        edges = shuffle_map(refs, "bucket", functools.partial(link_bucket, radius=radius, plan=plan), partitions=buckets)
+        edges = shuffle_map(refs, "bucket", functools.partial(link_bucket, radius=radius, plan=plan), partitions=buckets,
+                            map_batch_bytes=run.shuffle_batch_bytes)
         return {"dropped": run_remote(join_links, radius, run.updates_template, *edges), "buckets": buckets}
 
     return Step("phash", decide=decide)
@@ -373,8 +374,10 @@ def semantic_step(reference) -> Step:
         gpus = gpus_per_worker(run.ctx.resources)
         device = "cuda" if gpus else "cpu"
         kwargs = {"eps": settings.semantic_eps, "block_size": settings.block_size, "device": device}
+        # a reduce task holds whole clusters, about rows_per_bucket survivors of them at a time
         written = group_map(items, survivors_by_cluster, "cluster", functools.partial(semdedup_group, **kwargs), num_cpus=1,
-                            num_gpus=gpus, then=("partition", updates_writer(run.updates_template)))
+                            num_gpus=gpus, num_partitions=run.buckets(run.entering), map_batch_bytes=run.shuffle_batch_bytes,
+                            then=("partition", updates_writer(run.updates_template)))
         return {"dropped": int(sum(int(np.sum(batch["updates"])) for batch in written))}
 
     return Step("semantic", decide=decide)

@@ -82,6 +82,11 @@ class StepRun:
         return max(1, math.ceil(records / self.ctx.config.ray.rows_per_bucket))
 
     @property
+    def shuffle_batch_bytes(self) -> int:
+        """What a shuffle map task gathers before it partitions (ray.shuffle_map_mib)."""
+        return self.ctx.config.ray.shuffle_map_mib * 2**20
+
+    @property
     def cpus(self) -> float:
         return _cpus(self.ctx)
 
@@ -191,8 +196,10 @@ def shuffle_decide(run: StepRun, emit: Callable[..., pa.Table], items: list[dict
     template = run.updates_template
     if buckets == 1:
         return run_remote(_decide_all, decide, kwargs, template, *refs)
-    decided = shuffle_map(refs, "bucket", functools.partial(decide, **kwargs), partitions=buckets)
-    written = shuffle_map(decided, "partition", updates_writer(template), partitions=min(len(run.inputs), buckets))
+    decided = shuffle_map(refs, "bucket", functools.partial(decide, **kwargs), partitions=buckets,
+                          map_batch_bytes=run.shuffle_batch_bytes)
+    written = shuffle_map(decided, "partition", updates_writer(template), partitions=min(len(run.inputs), buckets),
+                          map_batch_bytes=run.shuffle_batch_bytes)
     return int(sum(t.column("updates").to_numpy().sum() for t in fetch(written) if t.num_rows))
 
 
