@@ -36,7 +36,7 @@ demo: install
 # Two pytest workers, a test file each: about a quarter of a single run's time goes to waiting (Ray
 # scheduling, process starts), which the other worker fills. More workers than cores only contend.
 test: install-test lock-check
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # Recompile the lock from pyproject.toml's ranges and requirements/pins.in (needs uv, from PyPI).
 lock:

@@ -8,7 +8,9 @@ metadata (benchmarks/scale_pool.py; generation is timed apart and is no part of 
 runs the quickstart recipe without a model as a subprocess, `python -m pipeline.cli run`, on an
 embedded Ray with 2 CPUs: basic filter (image size and language rules off: the images are 24-48
 px, the captions random English words), exact + pHash dedup, semantic dedup on the provided
-embeddings (cluster stage), the top clip-score fraction, DBP, a select.where predicate, write.
+embeddings (cluster stage), the top clip-score fraction, DBP, a select.where predicate, write. Both
+k-means train on at most --train-points samples (200,000), so that what grows with N is what the
+curve shows; training on the default 1,000,000 costs its own fixed memory once N passes that.
 
 A sampler thread polls every 0.2 s, with psutil, the driver and all its descendants (the embedded
 Ray's gcs, raylet and workers are its children) and attributes each poll to the stage running then,
@@ -62,11 +64,11 @@ ray: {{address: local, num_cpus: {cpus}}}
 embed:
   provided: {{metadata: {pool}/metadata, embeddings: l14, clip_score: clip_l14_similarity_score}}
 basic_filter: {{enabled: true, languages: [], min_image_side: 0}}
-cluster: {{samples_per_cluster: {per_cluster}}}
+cluster: {{samples_per_cluster: {per_cluster}, max_train_points: {train_points}}}
 dedup: {{exact: true, phash: true, phash_radius: 4, semantic: true, semantic_eps: 0.05}}
 select:
   clip: {{fraction: 0.7}}
-  dbp: {{enabled: true, target: 0.6, k: {dbp_k}}}
+  dbp: {{enabled: true, target: 0.6, k: {dbp_k}, max_train_points: {train_points}}}
   where: "caption_words >= 4"
 write: {{shard_size: 10000}}
 """
@@ -224,6 +226,8 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=2, help="ray.num_cpus of the embedded Ray (default: %(default)s)")
     parser.add_argument("--samples-per-cluster", type=int, default=9000, help="cluster.samples_per_cluster (default: %(default)s)")
     parser.add_argument("--dbp-k", type=int, default=100, help="select.dbp.k (default: %(default)s)")
+    parser.add_argument("--train-points", type=int, default=200_000,
+                        help="cluster and dbp max_train_points: k-means samples at most this many (default: %(default)s)")
     parser.add_argument("--keep-runs", action="store_true", help="keep each run's output (default: removed when it passes)")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -246,9 +250,10 @@ def main() -> int:
         jobs[n] = work / "jobs" / f"scale-{n}.yaml"
         jobs[n].parent.mkdir(parents=True, exist_ok=True)
         jobs[n].write_text(JOB.format(pool=pool, work=work, cpus=args.cpus, per_cluster=args.samples_per_cluster,
-                                      dbp_k=args.dbp_k))
+                                      dbp_k=args.dbp_k, train_points=args.train_points))
     print("the job (per N):\n  " + JOB.format(pool="POOL", work=args.work, cpus=args.cpus,
-                                               per_cluster=args.samples_per_cluster, dbp_k=args.dbp_k)
+                                               per_cluster=args.samples_per_cluster, dbp_k=args.dbp_k,
+                                               train_points=args.train_points)
           .replace("\n", "\n  ").rstrip())
 
     results: dict[str, dict[int, dict]] = {label: {} for label, _ in trees}

@@ -231,7 +231,7 @@ class DfnConfig(Section):
 class ClusterConfig(Section):
     """Spherical k-means of image embeddings into fine clusters, inside which SemDeDup compares."""
 
-    k: int | None = Field(None, ge=1, description="Clusters; null: one per `samples_per_cluster` samples (capped at the sample count).")
+    k: int | None = Field(None, ge=1, description="Clusters; null: one per `samples_per_cluster` samples to cluster (those that survived ingest with an embedding), capped at the training sample's size.")
     samples_per_cluster: int = Field(1000, ge=1, description="Average cluster size when k is null (SemDeDup authors: ~N/k = 9000).")
     niter: int = Field(20, ge=1, description="k-means iterations (SemDeDup authors: 100).")
     seed: int = 0

@@ -68,13 +68,17 @@ def sample_vectors(item: dict) -> pa.Table:
     return vectors_table(matrix[(np.cumsum(present) - 1)[rows]])
 
 
-def train(config, centroids_url: str, *samples: pa.Table) -> dict:
-    """Train and save the centroids on the gathered sample; returns k and the training sample size."""
+def train(config, centroids_url: str, eligible: int, *samples: pa.Table) -> dict:
+    """Train and save the centroids on the gathered sample; returns k and the training sample size.
+
+    k follows the `eligible` samples that will be clustered, not the training sample: capped at
+    max_train_points, the sample would leave k fixed and let clusters, and SemDeDup's cost per
+    cluster, grow with the pool."""
     settings = config.cluster
     sample = stacked(samples)
     if len(sample) == 0:
         raise ValueError("no embedded samples survived ingest and the basic filter: nothing to cluster")
-    k = settings.k or max(1, round(len(sample) / settings.samples_per_cluster))
+    k = settings.k or max(1, round(eligible / settings.samples_per_cluster))
     if k > len(sample):
         log.warning("cluster.k=%d exceeds the %d training samples; using k=%d", k, len(sample), len(sample))
         k = len(sample)
@@ -132,7 +136,7 @@ def run(ctx) -> None:
         counts = {r["partition"]: r["count"] for r in map_items(count_eligible, sources, num_cpus=1)}
         samples, _ = training_sample.gather(sources, counts, settings.max_train_points, settings.seed, sample_vectors)
         gpus = gpus_per_worker(ctx.resources)
-        ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, *samples, num_gpus=gpus))
+        ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, sum(counts.values()), *samples, num_gpus=gpus))
     items = [
         {"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "centroids": centroids_url,
          "out": ctx.paths.stage_part(NAME, i)}
