@@ -75,17 +75,33 @@ def write_metadata(parquet_url: str, table, arrays: dict[str, np.ndarray]) -> No
         pq.write_table(table, handle)
 
 
-def uid_pairs(uids, where: str) -> np.ndarray:
-    """The uids as SUBSET_DTYPE pairs; a uid that is not 32 hex digits is named in the error."""
-    pairs = np.empty(len(uids), dtype=SUBSET_DTYPE)
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def uid_halves(uids, where: str) -> np.ndarray:
+    """The uids as (n, 2) uint64 halves (the two 16-digit halves of the 32 hex digits, as in
+    SUBSET_DTYPE); a uid that is not 32 hex digits is named in the error, with `where`. Plain hex
+    is converted in one go (a partition's worth at once); anything else one uid at a time."""
+    uids = list(uids)
+    if all(isinstance(u, str) and len(u) == 32 for u in uids):
+        digits = "".join(uids)
+        if digits.isascii() and all(c in _HEX for c in set(digits)):
+            raw = bytes.fromhex(digits)
+            return np.frombuffer(raw, dtype=">u8").reshape(len(uids), 2).astype(np.uint64)
+    halves = np.empty((len(uids), 2), np.uint64)
     for i, uid in enumerate(uids):
         try:
-            if len(uid) != 32:
+            if not isinstance(uid, str) or len(uid) != 32:
                 raise ValueError
-            pairs[i] = (int(uid[:16], 16), int(uid[16:], 16))
-        except (TypeError, ValueError):
+            halves[i] = (int(uid[:16], 16), int(uid[16:], 16))
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}: uid {uid!r} is not a DataComp uid (32 hex digits)") from None
-    return pairs
+    return halves
+
+
+def halves_to_uid(hi: int, lo: int) -> str:
+    """A uid from its halves (lower-case hex)."""
+    return f"{int(hi):016x}{int(lo):016x}"
 
 
 def npz_url(parquet_url: str) -> str:
@@ -106,45 +122,6 @@ def npz_shape(url: str, array: str) -> tuple[int, ...]:
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read_header(member)
     return shape
-
-
-class MetadataIndex:
-    """Where each uid lies in a set of DataComp metadata files: sorted uid pairs -> (file, row)."""
-
-    def __init__(self, files: list[str], keys: np.ndarray, file_of: np.ndarray, row_of: np.ndarray):
-        self.files, self.keys, self.file_of, self.row_of = files, keys, file_of, row_of
-
-    @classmethod
-    def build(cls, files: list[str]) -> "MetadataIndex":
-        import pyarrow.parquet as pq
-
-        keys, file_of, row_of = [], [], []
-        for number, url in enumerate(files):
-            with fs.open_input(url) as handle:
-                uids = pq.read_table(handle, columns=["uid"]).column("uid").to_pylist()
-            keys.append(uid_pairs(uids, url))
-            file_of.append(np.full(len(uids), number, dtype=np.int32))
-            row_of.append(np.arange(len(uids), dtype=np.int64))
-        keys_all = np.concatenate(keys) if keys else np.empty(0, SUBSET_DTYPE)
-        order = np.argsort(keys_all, kind="stable")
-        keys_all = keys_all[order]
-        repeated = np.flatnonzero(keys_all[1:] == keys_all[:-1])
-        if len(repeated):
-            uid = subset_to_uids(keys_all[repeated[:1]])[0]
-            raise ValueError(f"DataComp metadata: uid {uid} appears in more than one row of {len(files)} file(s)")
-        return cls(files, keys_all, np.concatenate(file_of)[order] if keys else np.empty(0, np.int32),
-                   np.concatenate(row_of)[order] if keys else np.empty(0, np.int64))
-
-    def locate(self, uids, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """(file number, row) per uid; -1 where the metadata has no row for it."""
-        pairs = uid_pairs(uids, where)
-        pos = np.searchsorted(self.keys, pairs)
-        inside = pos < len(self.keys)
-        found = np.zeros(len(pairs), bool)
-        found[inside] = self.keys[pos[inside]] == pairs[inside]
-        file_of = np.where(found, self.file_of[np.minimum(pos, len(self.keys) - 1)] if len(self.keys) else -1, -1)
-        row_of = np.where(found, self.row_of[np.minimum(pos, len(self.keys) - 1)] if len(self.keys) else -1, -1)
-        return file_of.astype(np.int32), row_of.astype(np.int64)
 
 
 def read_metadata_rows(parquet_url: str, rows: np.ndarray, columns: list[str], arrays: list[str]) -> dict:

@@ -12,7 +12,9 @@ Two steps per work item, a fixed run of `embed.batch_size` embeddable rows of on
 The driver assembles each partition's results, in ingest row order, into
 `OUTPUT/embeddings/part-N.parquet` (uid, image_embedding, text_embedding, clip_score, dfn_score) as
 soon as its last work item is back, and records the partition done (resume). Rows ingest dropped
-as unusable are not embedded; rows without a usable caption get an image embedding only.
+as unusable are not embedded; rows without a usable caption get an image embedding only. With
+`embed.provided` the stage runs no model: pipeline.stages.embed_provided takes them from the pool's
+DataComp metadata.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def config_fingerprint(config) -> dict:
 
 
 def outputs(paths) -> list[str]:
-    return [paths.embeddings_dir]
+    return [paths.embeddings_dir, paths.stage_dir(NAME)]  # the stage dir: embed.provided's join
 
 
 # --- resources -----------------------------------------------------------------------------------
@@ -578,7 +580,9 @@ class _Partition:
 
 def run(ctx) -> None:
     if ctx.config.embed.provided is not None:
-        run_provided(ctx)
+        from pipeline.stages import embed_provided
+
+        embed_provided.run(ctx)
         return
     from pipeline.ray_adapter import cluster_cpus, cluster_gpus, map_prepared
 
@@ -633,110 +637,3 @@ def run(ctx) -> None:
     if open_parts:
         raise EmbedError(f"partitions {sorted(open_parts)} did not get all their work items back")
     record_totals(ctx, {role: spec.label for role, spec in specs.items()}, res.device, dim)
-
-
-# --- embeddings and scores that come with the pool (DataComp metadata) ----------------------------
-
-
-def provided_partition(item: dict) -> dict:
-    """One partition's embeddings table from the metadata rows the driver located for it."""
-    from pipeline.io.datacomp import EMBEDDING_ARRAYS, read_metadata_rows
-
-    image_array, text_array = EMBEDDING_ARRAYS[item["embeddings"]]
-    columns = [item["clip_score"]] + ([item["dfn_score"]] if item["dfn_score"] else [])
-    rows, text_pos = np.asarray(item["rows"], np.int64), np.asarray(item["text_pos"], np.int64)
-    file_of, row_of = np.asarray(item["file_of"], np.int32), np.asarray(item["row_of"], np.int64)
-    n, dim = len(rows), item["dim"]
-    image, text = np.zeros((n, dim), np.float32), np.zeros((len(text_pos), dim), np.float32)
-    clip = np.full(len(text_pos), np.nan, np.float32)
-    dfn = np.full(len(text_pos), np.nan, np.float32)
-    has_text = np.zeros(n, bool)
-    has_text[text_pos] = True
-    text_index = np.cumsum(has_text) - 1
-    for number in np.unique(file_of):
-        mine = np.flatnonzero(file_of == number)
-        values = read_metadata_rows(item["files"][number], row_of[mine], columns, [image_array, text_array])
-        image[mine] = values[image_array]
-        with_text = mine[has_text[mine]]
-        picked = has_text[mine]
-        text[text_index[with_text]] = values[text_array][picked]
-        clip[text_index[with_text]] = values[columns[0]][picked]
-        if item["dfn_score"]:
-            dfn[text_index[with_text]] = values[item["dfn_score"]][picked]
-    result = {
-        "rows": item["rows"],
-        "text_pos": item["text_pos"],
-        "image_embedding": _normalised(image, item["files"], "image"),
-        "text_embedding": _normalised(text, item["files"], "text") if len(text_pos) else None,
-        "clip_score": clip,
-        "dfn_score": dfn if item["dfn_score"] else None,
-    }
-    table = assemble(pa.array(item["uids"], pa.string()), [result], dim)
-    write_table_atomic(table, item["out"])
-    return {"partition": item["partition"], "samples": len(item["uids"]), "embedded": n, "with_text": len(text_pos)}
-
-
-def _normalised(vectors: np.ndarray, files: list[str], what: str) -> np.ndarray:
-    """L2-normalised float16; vectors already of unit length to float16 precision are kept as given
-    (DataComp's are), so embeddings given back unchanged reproduce a run bit for bit."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if np.any(norms == 0) or not np.all(np.isfinite(norms)):
-        raise EmbedError(f"a zero or non-finite {what} embedding in the metadata .npz of {files}")
-    return np.where(np.abs(norms - 1) < 2e-3, vectors, vectors / norms).astype(np.float16)
-
-
-def provided_items(ctx, index, dim: int) -> list[dict]:
-    """Work items, one per partition to do, with each embeddable row's place in the metadata."""
-    provided = ctx.config.embed.provided
-    items = []
-    for partition in ctx.todo([p.index for p in ctx.partitions]):
-        source = ctx.partitions[partition].url
-        columns = read_table(ctx.read("ingest", partition), ["uid", "drop_reason"]).to_pydict()
-        rows, has_text = embeddable(columns["drop_reason"])
-        uids = [columns["uid"][r] for r in rows]
-        file_of, row_of = index.locate(uids, f"shard {source}")
-        missing = np.flatnonzero(file_of < 0)
-        if len(missing):
-            raise EmbedError(
-                f"shard {source}: {len(missing)} sample(s) have no row in the metadata {provided.metadata}, "
-                f"first uid {uids[missing[0]]}; embed.provided needs a row for every sample it embeds"
-            )
-        items.append({
-            "partition": partition,
-            "uids": columns["uid"],
-            "rows": rows.tolist(),
-            "text_pos": np.flatnonzero(has_text).tolist(),
-            "file_of": file_of.tolist(),
-            "row_of": row_of.tolist(),
-            "files": index.files,
-            "embeddings": provided.embeddings,
-            "clip_score": provided.clip_score,
-            "dfn_score": provided.dfn_score,
-            "dim": dim,
-            "out": ctx.paths.stage_part(NAME, partition),
-        })
-    return items
-
-
-def run_provided(ctx) -> None:
-    from pipeline.io import fs
-    from pipeline.io.datacomp import EMBEDDING_ARRAYS, MetadataIndex, npz_shape, npz_url
-    from pipeline.ray_adapter import map_items
-
-    provided = ctx.config.embed.provided
-    files = fs.resolve_files(provided.metadata, ".parquet")
-    if not files:
-        raise EmbedError(f"embed.provided.metadata {provided.metadata}: no .parquet files")
-    dim = 0
-    for url in files:  # the first file with rows: an empty shard's arrays may have no width
-        shape = npz_shape(npz_url(url), EMBEDDING_ARRAYS[provided.embeddings][0])
-        if shape[0]:
-            dim = int(shape[1])
-            break
-    index = MetadataIndex.build(files)
-    log.info("embed: %s embeddings and scores from %d DataComp metadata file(s) (%d rows), no model pass",
-             provided.embeddings, len(files), len(index.keys))
-    for result in map_items(provided_partition, provided_items(ctx, index, dim), num_cpus=1):
-        stats = {k: result[k] for k in ("samples", "embedded", "with_text")}
-        ctx.partition_done(result["partition"], stats)
-    record_totals(ctx, {"embed": f"DataComp metadata {provided.embeddings}"}, "none", dim)

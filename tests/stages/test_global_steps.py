@@ -101,6 +101,7 @@ def test_shuffled_steps_give_the_same_bytes_as_one_task(runs):
     one, many = runs
     assert _files(one, "metadata") == _files(many, "metadata")
     assert _files(one, "shards") == _files(many, "shards")
+    assert _files(one, "embeddings") == _files(many, "embeddings")  # embed.provided's uid join
     meta = read_metadata(one).to_pandas()
     reasons = set(meta.drop_reason.dropna())
     # every global step had something to decide, so the comparison says something
@@ -212,6 +213,7 @@ def test_a_top_up_gives_the_same_bytes_through_shuffles(ragged_pool, tmp_path):
         run_pipeline(run_config(pool, outputs[name], reference=str(day1), **_settings(pool, **ray)))
     assert _files(outputs["one"], "metadata") == _files(outputs["many"], "metadata")
     assert _files(outputs["one"], "shards") == _files(outputs["many"], "shards")
+    assert _files(outputs["one"], "embeddings") == _files(outputs["many"], "embeddings")
     meta = read_metadata(outputs["one"]).to_pandas()
     against = meta[meta.drop_detail.fillna("").str.contains("published")]
     assert {"duplicate_uid", "exact_duplicate"} <= set(against.drop_reason)
