@@ -142,9 +142,10 @@ def join(ctx, files: list[str], todo: list[int], metadata_rows: int) -> None:
     if buckets == 1:
         summaries = [run_remote(_join_all, template, *refs)]
     else:
-        matched = shuffle_map(refs, "bucket", join_bucket, partitions=buckets)
+        batch = ctx.config.ray.shuffle_map_mib * 2**20
+        matched = shuffle_map(refs, "bucket", join_bucket, partitions=buckets, map_batch_bytes=batch)
         written = shuffle_map(matched, "partition", functools.partial(write_home, template=template),
-                              partitions=min(len(todo) + 1, buckets))
+                              partitions=min(len(todo) + 1, buckets), map_batch_bytes=batch)
         summaries = fetch(written)
     summary = pa.concat_tables([t.cast(SUMMARY) for t in summaries] or [SUMMARY.empty_table()])
     partition, missing = summary.column("partition").to_numpy(), summary.column("missing").to_numpy()
