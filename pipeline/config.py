@@ -114,7 +114,7 @@ class IngestConfig(Section):
 
 
 class BasicFilterConfig(Section):
-    """DataComp's "basic" filter (algorithms.md section 1); defaults are DataComp's."""
+    """DataComp's "basic" filter (docs/algorithms.md section 1); defaults are DataComp's."""
 
     enabled: bool = True
     languages: list[str] = Field(["en"], description="Allowed fastText lid.176 top-1 languages; [] allows all.")
@@ -279,7 +279,7 @@ class ScoreFilterConfig(Section):
 
 
 class DbpConfig(Section):
-    """Density-based pruning by concept-cluster complexity (algorithms.md section 6)."""
+    """Density-based pruning by concept-cluster complexity (docs/algorithms.md section 6)."""
 
     enabled: bool = False
     target: int | float = Field(

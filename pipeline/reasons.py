@@ -1,7 +1,7 @@
 """Every reason a sample can be dropped, in the order the steps run.
 
-A sample's `drop_reason` is the first step in this order that dropped it (algorithms.md section 7);
-later steps only see the survivors of earlier ones.
+A sample's `drop_reason` is the first step in this order that dropped it (docs/algorithms.md
+section 7); later steps only see the survivors of earlier ones.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DataComp's "basic" filter (algorithms.md section 1) as a vectorised verdict per sample."""
+"""DataComp's "basic" filter (docs/algorithms.md section 1) as a vectorised verdict per sample."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Density-based pruning by concept complexity (algorithms.md section 6).
+"""Density-based pruning by concept complexity (docs/algorithms.md section 6).
 
 Three pieces, each usable on its own by a stage:
 - :func:`cluster_complexity`: per-cluster size, d_intra, d_inter from centroids and

@@ -1,4 +1,4 @@
-"""Exact duplicates: same sha256 of the image bytes (algorithms.md section 5).
+"""Exact duplicates: same sha256 of the image bytes (docs/algorithms.md section 5.2).
 
 Each group of equal digests keeps the member with the smallest uid (string order); the others
 point at that row. One sort, O(n log n); for a sharded pool a stage can first route rows by a

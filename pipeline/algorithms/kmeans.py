@@ -1,4 +1,4 @@
-"""Spherical k-means for SemDeDup and DBP (algorithms.md section 3).
+"""Spherical k-means for SemDeDup and DBP (docs/algorithms.md section 3).
 
 Training runs faiss ``Kmeans(d, k, niter, spherical=True, seed)`` on a seeded sample of at
 most ``max_train_points`` rows (faiss is told not to subsample again, so that sample is the

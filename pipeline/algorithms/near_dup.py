@@ -1,11 +1,12 @@
-"""Perceptual near-duplicates: 64-bit pHash within Hamming distance r (algorithms.md section 5).
+"""Perceptual near-duplicates: 64-bit pHash within Hamming distance r (docs/algorithms.md
+section 5.3).
 
 Candidates come from exact matches on *keys* (subsets of the 64 bits) such that every pair
 within distance r agrees exactly on at least one key; candidates are verified with a
 vectorised popcount, linked with a vectorised union-find, and each component keeps its
 smallest uid.
 
-Keys. The spec's scheme is r+1 bands (pigeonhole: r differing bits leave one band intact);
+Keys. The basic scheme of section 5.3 is r+1 bands (pigeonhole: r differing bits leave one band intact);
 :func:`band_candidate_pairs` implements it as given. Its cost is set by the band width: for
 10^6 random hashes at r = 8 the bands are 7 bits wide and the groups hold ~7,800 hashes each,
 ~3.5e10 pairs to verify. :func:`index_plan` keeps the same guarantee with wider keys: split the
@@ -119,7 +120,7 @@ def _blocks_mask(bounds: list[tuple[int, int]], blocks: tuple[int, ...] | list[i
 
 
 def band_mask(band: int, radius: int) -> int:
-    """Bit mask of band ``band`` among the spec's radius+1 contiguous bands of the 64 bits."""
+    """Bit mask of band ``band`` among the basic scheme's radius+1 contiguous bands of the 64 bits."""
     r = _check_radius(radius)
     if not 0 <= band <= r:
         raise ValueError(f"band must be in [0, {r}]")
@@ -349,7 +350,7 @@ def band_candidate_pairs(
 ) -> npt.NDArray[np.int64]:
     """Candidate pairs of one band: one parallel task per band.
 
-    Without ``plan``: the spec's scheme, band ``band`` of radius+1 contiguous bands. With
+    Without ``plan``: the basic scheme, band ``band`` of radius+1 contiguous bands. With
     ``plan`` (from :func:`index_plan`): its ``band``-th key. Either way the returned pairs are
     verified (distance <= radius) and the union over all bands contains every such pair
     (equal hashes through their first row, see ``link_identical``)."""

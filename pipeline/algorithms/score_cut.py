@@ -1,4 +1,4 @@
-"""CLIP / DFN score cuts (algorithms.md section 2).
+"""CLIP / DFN score cuts (docs/algorithms.md section 2).
 
 Two modes: an absolute threshold, and the top fraction of the pool under the total order
 (score descending, uid ascending, NaN scores last). The fraction cut is global; for a pool

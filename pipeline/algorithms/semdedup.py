@@ -1,4 +1,4 @@
-"""SemDeDup inside one cluster (algorithms.md section 4).
+"""SemDeDup inside one cluster (docs/algorithms.md section 4).
 
 Members are visited in order of ``dist_to_centroid`` descending (ties: uid ascending).
 Member ``b`` has ``M_b = max_{a before b} cos(x_a, x_b)`` and is dropped when

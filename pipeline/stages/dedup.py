@@ -5,8 +5,8 @@ partition emits small keyed records of its survivors (uid; sha256; pHash index-t
 and embedding), Ray Data shuffles them by key so that every group of possible duplicates meets in
 one task, and each partition then applies the drops routed back to it. No process holds the pool:
 a shuffle task holds about ray.rows_per_bucket records. Each step sees only the survivors of the
-steps before it (algorithms.md section 7); samples an earlier run published (the reference chain)
-take part in every step and are never dropped.
+steps before it (docs/algorithms.md section 7); samples an earlier run published (the reference
+chain) take part in every step and are never dropped.
 """
 
 from __future__ import annotations

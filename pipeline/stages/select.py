@@ -1,7 +1,7 @@
 """Stage 5, select: a DataComp subset, CLIP / DFN score filters, density-based pruning (DBP), then
 a SQL predicate.
 
-Each step sees only the survivors of the steps before it, in the fixed order of algorithms.md
+Each step sees only the survivors of the steps before it, in the fixed order of docs/algorithms.md
 section 7, and runs as a decision step (pipeline.stages.steps): a threshold, the subset and the
 predicate are decided per partition; a fraction cut finds its global boundary by radix selection
 over per-partition histograms (the driver adds 65,536-bin histograms, never holds the scores);

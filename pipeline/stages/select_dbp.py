@@ -1,4 +1,4 @@
-"""Density-based pruning as a decision step of select (algorithms.md section 6).
+"""Density-based pruning as a decision step of select (docs/algorithms.md section 6).
 
 map: k-means trains on a seeded sample of the survivors' image embeddings (gathered from the
 partitions holding the sampled rows: at most dbp.max_train_points vectors), every partition
