@@ -18,6 +18,7 @@ import posixpath
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,24 +300,35 @@ def _nothing_new(paths: RunPaths, manifest: Manifest) -> RunSummary:
     return RunSummary(paths.root, 0, 0, {}, {}, 0)
 
 
+INVARIANT_MEMORY = "256MB"  # DuckDB's limit while the invariant check counts; it spills past it
+
+
 def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
     """input samples = kept + dropped by reason; each kept uid exactly once in the output shards.
 
     Counts come from DuckDB over the metadata (it streams); the kept uids are compared through the
     digests the metadata and write stages recorded per partition and shard, so the driver reads no
-    uid.
+    uid. Whether a kept uid repeats is a group-by over the kept uids, which DuckDB holds within
+    INVARIANT_MEMORY and spills past it to a local temporary directory: the driver's memory stays
+    bounded whatever the pool's size.
     """
     stages = manifest.data["stages"]
     ingested = stages["ingest"]["samples_in"]
-    con = connect_catalog(paths.root)
-    total, kept, unexplained, contradictory, kept_uids = con.execute(
-        """select count(*), count(*) filter (where kept),
-                  count(*) filter (where not kept and drop_reason is null),
-                  count(*) filter (where kept is null or (kept and drop_reason is not null)),
-                  count(distinct uid) filter (where kept)
-           from samples"""
-    ).fetchone()
-    dropped = dict(con.execute("select drop_reason, count(*) from samples where not kept group by 1").fetchall())
+    with tempfile.TemporaryDirectory(prefix="curate-invariant-") as spill:
+        con = connect_catalog(paths.root)
+        con.execute("set temp_directory = '{}'".format(spill.replace("'", "''")))
+        con.execute(f"set memory_limit = '{INVARIANT_MEMORY}'")
+        total, kept, unexplained, contradictory = con.execute(
+            """select count(*), count(*) filter (where kept),
+                      count(*) filter (where not kept and drop_reason is null),
+                      count(*) filter (where kept is null or (kept and drop_reason is not null))
+               from samples"""
+        ).fetchone()
+        repeated = con.execute(
+            "select coalesce(sum(n - 1), 0) from (select count(*) as n from samples where kept group by uid having n > 1)"
+        ).fetchone()[0]
+        dropped = dict(con.execute("select drop_reason, count(*) from samples where not kept group by 1").fetchall())
+        con.close()
     problems = []
     if total != ingested:
         problems.append(f"metadata has {total} rows but ingest read {ingested} samples")
@@ -327,8 +339,8 @@ def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
         problems.append(f"unknown drop reasons {sorted(unknown)}")
     if total != kept + sum(dropped.values()):
         problems.append(f"{total} rows != {kept} kept + {sum(dropped.values())} dropped")
-    if kept_uids != kept:
-        problems.append(f"{kept - kept_uids} kept uids are not unique")
+    if repeated:
+        problems.append(f"{int(repeated)} kept uids are not unique")
     written = stages["write"]["samples_out"]
     sizes = fs.read_bytes(paths.url("shards", "sizes.json")) if kept else b"{}"
     partitions = stages["metadata"]["counts"].get("partitions", {})

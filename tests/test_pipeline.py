@@ -3,9 +3,11 @@
 import filecmp
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -200,3 +202,23 @@ def test_open_clip_s_webdataset_loader_reads_the_shards(first_run):
         assert image.size[0] > 0 and isinstance(text, str) and text
         seen += 1
     assert seen == summary.kept
+
+
+def test_the_invariant_check_finds_a_kept_uid_twice(first_run, tmp_path):
+    """The check runs on what the files hold: a kept uid written into another kept row fails it."""
+    from pipeline.io.manifest import Manifest
+    from pipeline.run import RunPaths
+    from pipeline.runner import InvariantError, check_invariant
+
+    out, _ = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert check_invariant(RunPaths(str(copy)), Manifest.load(str(copy / "manifest.json"))).kept > 1
+    part = sorted((copy / "metadata").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    kept = [i for i, k in enumerate(table.column("kept").to_pylist()) if k]
+    uids = table.column("uid").to_pylist()
+    uids[kept[1]] = uids[kept[0]]
+    pq.write_table(table.set_column(table.schema.get_field_index("uid"), "uid", pa.array(uids, table.schema.field("uid").type)), part)
+    with pytest.raises(InvariantError, match="1 kept uids are not unique"):
+        check_invariant(RunPaths(str(copy)), Manifest.load(str(copy / "manifest.json")))
