@@ -19,8 +19,10 @@ class DropReason:
 DROP_REASONS: tuple[DropReason, ...] = (
     # ingest: input that cannot be used as a sample at all
     DropReason("download_failed", "ingest", "listed in the shard's img2dataset Parquet but never downloaded"),
-    DropReason("unsafe_member", "ingest", "a member is a link, a device, an absolute path or climbs out with '..'"),
-    DropReason("truncated", "ingest", "a member is cut short by the end of the shard"),
+    DropReason("unsafe_member", "ingest", "a member is a link, a device, a GNU sparse file, an absolute path, climbs out "
+               "with '..', has a name that is not UTF-8 or an extended header that does not parse"),
+    DropReason("truncated", "ingest", "a member is cut short by the end of the shard, or a listed sample is lost where "
+               "the shard's tar structure broke"),
     DropReason("oversize_member", "ingest", "a member is larger than ingest.max_member_bytes"),
     DropReason("missing_image", "ingest", "no image member"),
     DropReason("image_too_large", "ingest", "image header declares more than ingest.max_image_pixels (never decoded)"),

@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipeline.algorithms.basic_filter import basic_filter_reasons
 from pipeline.config import CurateConfig
-from pipeline.io.tar import TarMember, TarShardError, iter_tar_members
+from pipeline.io.tar import TarMember, TarReader, stream_size
 from pipeline.schema import INGEST_SCHEMA
 
 log = logging.getLogger("curate")
@@ -150,11 +150,14 @@ def ingest_shard(
     config: CurateConfig,
     langid: LanguageIdentifier,
     progress: Callable[..., None] | None = None,
+    size: int | None = None,
 ) -> tuple[pa.Table, ShardReport]:
     """One row per sample key found in the tar stream, in order of first appearance.
 
     `progress`, when given, is called with `samples=1` as each new sample key turns up, so a long
-    shard shows progress before it is done.
+    shard shows progress before it is done. `size`, the shard's length in bytes (found from the
+    stream when it can seek), lets the reader refuse a member claiming more bytes than the shard
+    has without reading through the rest of it.
     """
     started = time.perf_counter()
     ingest = config.ingest
@@ -170,24 +173,24 @@ def ingest_shard(
                 progress(samples=1)
         return sample
 
-    try:
-        for member in iter_tar_members(stream, ingest.max_member_bytes):
-            sample = sample_for(member)
-            if member.problem is not None:
-                sample.problems.append((member.problem, member.detail))
-                continue
-            if member.ext in image_exts and member.ext not in sample.images:
-                sha = hashlib.sha256(member.data).hexdigest()
-                info = inspect_image(member.data, member.name, ingest.max_image_pixels)
-                member.data = None
-                sample.images[member.ext] = (member, sha, info)
-            elif member.ext == "txt" and sample.text is None:
-                sample.text, sample.text_bytes = member, member.data
-            elif member.ext == "json" and sample.json_member is None:
-                sample.json_member, sample.json_bytes = member, member.data
+    reader = TarReader(stream, ingest.max_member_bytes, size=size)
+    for member in reader:
+        sample = sample_for(member)
+        if member.problem is not None:
+            sample.problems.append((member.problem, member.detail))
+            continue
+        if member.ext in image_exts and member.ext not in sample.images:
+            sha = hashlib.sha256(member.data).hexdigest()
+            info = inspect_image(member.data, member.name, ingest.max_image_pixels)
             member.data = None
-    except TarShardError as exc:
-        report.shard_error = f"shard {shard}: {exc}"
+            sample.images[member.ext] = (member, sha, info)
+        elif member.ext == "txt" and sample.text is None:
+            sample.text, sample.text_bytes = member, member.data
+        elif member.ext == "json" and sample.json_member is None:
+            sample.json_member, sample.json_bytes = member, member.data
+        member.data = None
+    if reader.breaks:  # the reader resynchronised past them: the samples they held are lost
+        report.shard_error = f"shard {shard}: " + "; ".join(str(b) for b in reader.breaks)
 
     rows = [_sample_row(s, shard, partition, image_exts, langid) for s in samples.values()]
     table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
@@ -303,7 +306,8 @@ def account_listed_samples(table: pa.Table, listing: pa.Table, *, shard: str, pa
     """Rows for samples img2dataset's per-shard Parquet lists but the tar does not hold.
 
     Failed downloads (status != "success") have no members by design: `download_failed`. A sample
-    listed as downloaded but absent is `truncated` when the tar is cut short, else `missing_image`.
+    listed as downloaded but absent is `truncated` when the tar's structure broke (it is cut short,
+    or a corrupt stretch was skipped), else `missing_image`.
     Either way it is in the metadata instead of silently missing.
     """
     present = set(table.column("key").to_pylist())
@@ -325,7 +329,7 @@ def account_listed_samples(table: pa.Table, listing: pa.Table, *, shard: str, pa
         if status not in (None, "success"):
             reason, detail = "download_failed", f"{listing_name}: {status}: {error or 'no message'}"
         elif shard_error:
-            reason, detail = "truncated", f"{listing_name} lists {key!r} as downloaded; the tar ends before it ({shard_error})"
+            reason, detail = "truncated", f"{listing_name} lists {key!r} as downloaded; the tar does not hold it intact ({shard_error})"
         else:
             reason, detail = "missing_image", f"{listing_name} lists {key!r} as downloaded but the tar has no member for it"
         rows.append({
@@ -388,10 +392,11 @@ class IngestWorker:
         try:
             identity = file_identity(item["url"])  # before reading: see pipeline.run.RACY_FINE_S
             with fs.open_input(item["url"]) as raw:
+                size = stream_size(raw)
                 stream = DigestingReader(raw, progress)
                 table, report = ingest_shard(
                     stream, shard=item["shard"], partition=item["partition"], config=self.config, langid=self.langid,
-                    progress=progress,
+                    progress=progress, size=size,
                 )
                 digest = stream.finish()
         except Exception as exc:

@@ -1,5 +1,6 @@
 import io
 import json
+import tarfile
 
 import pytest
 from PIL import Image
@@ -192,3 +193,54 @@ def test_listed_samples_missing_from_the_tar_are_accounted_for(langid):
     cut = account_listed_samples(table, listing, shard="00000.tar", partition=0,
                                  listing_name="00000.parquet", shard_error="broken")
     assert {r["key"]: r["drop_reason"] for r in cut.to_pylist()}["k4"] == "truncated"
+
+
+def test_corrupt_middle_header_loses_one_sample_and_names_the_offset(langid):
+    members = []
+    for key in "abc":
+        members += [(f"{key}.jpg", jpeg_bytes()), (f"{key}.txt", CAPTION)]
+    tar = bytearray(make_tar(members))
+    with tarfile.open(fileobj=io.BytesIO(bytes(tar))) as archive:
+        b_jpg = next(i for i in archive.getmembers() if i.name == "b.jpg")
+    tar[b_jpg.offset + 20] ^= 0xFF
+    rows, report = ingest(bytes(tar), langid)
+    assert rows["a"]["drop_reason"] is None and rows["c"]["drop_reason"] is None
+    assert rows["b"]["drop_reason"] == "missing_image"  # its caption survived, its image did not
+    resumed = b_jpg.offset_data + b_jpg.size + (-b_jpg.size % 512)
+    assert report.shard_error == (f"shard 00000000.tar: corrupt tar header at byte {b_jpg.offset}, resynchronised at "
+                                  f"byte {resumed} ({resumed - b_jpg.offset} bytes skipped)")
+
+
+def test_hostile_tar_structure_becomes_rows_not_crashes(langid):
+    def header(name: bytes, size: int, kind: bytes = b"0") -> bytes:
+        block = bytearray(512)
+        block[0 : len(name)] = name
+        block[124:136] = b"%011o\x00" % size
+        block[156:157] = kind
+        block[257:265] = b"ustar\x0000"
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\x00 " % sum(block)
+        return bytes(block)
+
+    def member(name: bytes, data: bytes, kind: bytes = b"0") -> bytes:
+        return header(name, len(data), kind) + data + bytes(-len(data) % 512)
+
+    image = jpeg_bytes()
+    tar = (member(b"caf\xe9.jpg", image) + member(b"caf\xe9.txt", CAPTION)
+           + member(b"s.txt", b"sparse data " * 100, b"S")  # old GNU sparse, no extension blocks
+           + member(b"s.jpg", image) + member(b"ok.jpg", image) + member(b"ok.txt", CAPTION) + bytes(1024))
+    rows, report = ingest(tar, langid)
+    assert rows["caf\\xe9"]["drop_reason"] == "unsafe_member" and "not valid UTF-8" in rows["caf\\xe9"]["drop_detail"]
+    assert rows["s"]["drop_reason"] == "unsafe_member" and "GNU sparse member" in rows["s"]["drop_detail"]
+    assert rows["ok"]["drop_reason"] is None and rows["ok"]["caption"] == CAPTION.decode()
+    assert report.shard_error is None and report.samples == 3
+
+
+def test_an_unseekable_stream_reads_alike_given_its_size(langid):
+    from pipeline.stages.ingest import DigestingReader
+
+    tar = make_tar([("a.jpg", jpeg_bytes()), ("a.txt", CAPTION)])
+    config = CurateConfig.model_validate({"input": "pool", "output": "out"})
+    table, report = ingest_shard(DigestingReader(io.BytesIO(tar)), shard="s.tar", partition=0, config=config,
+                                 langid=langid, size=len(tar))
+    assert table.column("drop_reason").to_pylist() == [None] and report.shard_error is None
