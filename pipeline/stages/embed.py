@@ -29,13 +29,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import models
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.io.shards import fetch_members
+
+if TYPE_CHECKING:
+    from pipeline import models
 
 log = logging.getLogger("curate")
 
@@ -56,6 +59,8 @@ class EmbedError(RuntimeError):
 
 
 def config_fingerprint(config) -> dict:
+    from pipeline import models  # open_clip and torch: imported where a model is needed, not by the provided path
+
     payload = {
         "embed": config.embed.model_dump(mode="json", exclude=_PERFORMANCE_FIELDS),
         "dfn": config.dfn.model_dump(mode="json"),
@@ -92,6 +97,8 @@ def plan_resources(embed, cpus: float, gpus: float) -> Resources:
     On CPU an actor runs torch on `threads` threads but reserves less than that in Ray, so that
     decode workers always get a slot beside it (on 2 CPUs: actor 1.5 with 2 threads, decode 0.5).
     """
+    if cpus < 1e-6 and gpus < 1e-6:
+        return _unplaced(embed)
     if embed.device == "cuda" and gpus < 1e-6:
         raise EmbedError("embed.device is cuda but the Ray cluster has no GPUs")
     if embed.device != "cpu" and gpus > 1e-6:
@@ -107,6 +114,22 @@ def plan_resources(embed, cpus: float, gpus: float) -> Resources:
     threads = math.ceil(embed.cpus_per_actor) if embed.cpus_per_actor else max(1, int(share))
     reserved = embed.cpus_per_actor or max(0.1, (cpus - slots * decode_cpus) / actors)
     return Resources("cpu", actors, min(reserved, share), 0.0, threads, slots, decode_cpus)
+
+
+def _unplaced(embed) -> Resources:
+    """A cluster with no workers yet (an autoscaling cluster starts empty) cannot size the pools:
+    ask for what the config names (one actor, one GPU each with embed.device cuda, one CPU each
+    otherwise) so that the autoscaler sees the demand and adds nodes."""
+    actor_cpus = embed.cpus_per_actor or 1.0
+    threads = max(1, math.ceil(actor_cpus))
+    if embed.device == "cuda":
+        return Resources("cuda", embed.actors or 1, actor_cpus, 1.0, threads, embed.decode_workers or 1,
+                         embed.decode_cpus or 1.0)
+    if embed.device == "auto":
+        log.warning("embed: the Ray cluster has no workers yet, so embed.device auto plans CPU actors; "
+                    "set embed.device: cuda to ask the autoscaler for GPU workers")
+    return Resources("cpu", embed.actors or 1, actor_cpus, 0.0, threads, embed.decode_workers or 1,
+                     embed.decode_cpus or 0.5)
 
 
 def cpu_actor_env() -> dict[str, str]:
@@ -192,6 +215,8 @@ def decode_image(data: bytes, preps: list[ImagePrep], draft_factor: float | None
 @lru_cache(maxsize=4)
 def _tools(spec_json: str):
     """Per process: the image preps and tokenizers the worker's models need (built once)."""
+    from pipeline import models
+
     spec = json.loads(spec_json)
     preps = {key: ImagePrep(cfg) for key, cfg in spec["preprocess"].items()}
     tokenizers = {key: models.get_tokenizer(name) for key, name in spec["tokenizers"].items()}
@@ -304,6 +329,8 @@ class EmbedWorker:
 
     def __init__(self, specs: dict, device: str, precision: str, threads: int, draft_factor: float | None):
         import torch
+
+        from pipeline import models
 
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -584,6 +611,7 @@ def run(ctx) -> None:
 
         embed_provided.run(ctx)
         return
+    from pipeline import models
     from pipeline.ray_adapter import cluster_cpus, cluster_gpus, map_prepared
 
     cfg = ctx.config.embed

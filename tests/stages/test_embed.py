@@ -264,6 +264,20 @@ def test_resources_leave_decode_tasks_a_slot():
         embed.plan_resources(CurateConfig.model_validate({"input": "a", "output": "b", "embed": {"device": "cuda"}}).embed, 2, 0)
 
 
+def test_resources_on_a_cluster_with_no_workers_yet_come_from_the_config():
+    """An autoscaling cluster starts with no nodes: the plan asks for whole workers, never for a
+    share of the empty cluster, so the autoscaler sees the demand."""
+    def plan(**section):
+        return embed.plan_resources(CurateConfig.model_validate({"input": "a", "output": "b", "embed": section}).embed, 0, 0)
+
+    gpu = plan(device="cuda", actors=4)
+    assert (gpu.device, gpu.actors, gpu.actor_gpus, gpu.actor_cpus, gpu.decode_slots) == ("cuda", 4, 1.0, 1.0, 1)
+    cpu = plan()
+    assert (cpu.device, cpu.actors, cpu.actor_cpus, cpu.threads, cpu.decode_slots) == ("cpu", 1, 1.0, 1, 1)
+    sized = plan(device="cpu", cpus_per_actor=4, decode_workers=3)
+    assert (sized.actor_cpus, sized.threads, sized.decode_slots) == (4, 4, 3)
+
+
 def test_a_batch_split_in_halves_gives_the_batch_results(one_shard, worker):
     """What the GPU actor does when a batch does not fit: the halves join back in row order."""
     tar_path, _, table = one_shard
