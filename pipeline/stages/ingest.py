@@ -201,20 +201,34 @@ def ingest_shard(
     return table, report
 
 
+def _sample_json(name: str, data: bytes) -> tuple[dict, str | None]:
+    """The sample's json object, or {} and why it cannot be used. Its size is bounded by
+    ingest.max_member_bytes; a nesting too deep for the parser and a lone surrogate escape (which
+    no UTF-8 column can hold) are errors of this sample, never of the run."""
+    try:
+        loaded = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {}, f"{name!r} is not valid JSON: {exc}"
+    except RecursionError:
+        return {}, f"{name!r} is nested too deeply to parse"
+    if not isinstance(loaded, dict):
+        return {}, f"{name!r} holds a {type(loaded).__name__}, not an object"
+    try:
+        json.dumps(loaded, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return {}, f"{name!r} holds a string with a lone surrogate escape ({exc.object[exc.start:exc.end]!a})"
+    except RecursionError:
+        return {}, f"{name!r} is nested too deeply to parse"
+    return loaded, None
+
+
 def _sample_row(sample: _Sample, shard: str, partition: int, image_exts: list[str], langid: LanguageIdentifier) -> dict:
     row: dict = {"shard": shard, "key": sample.key, "partition": partition, "row": sample.row}
     caption_problem = None
 
     meta: dict = {}
     if sample.json_member is not None:
-        try:
-            loaded = json.loads(sample.json_bytes.decode("utf-8"))
-            if isinstance(loaded, dict):
-                meta = loaded
-            else:
-                row["json_error"] = f"{sample.json_member.name!r} holds a {type(loaded).__name__}, not an object"
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            row["json_error"] = f"{sample.json_member.name!r} is not valid JSON: {exc}"
+        meta, row["json_error"] = _sample_json(sample.json_member.name, sample.json_bytes)
         row["json_offset"], row["json_size"] = sample.json_member.offset, sample.json_member.size
     url = meta.get("url") if isinstance(meta.get("url"), str) else None
     row["url"] = url

@@ -244,3 +244,18 @@ def test_an_unseekable_stream_reads_alike_given_its_size(langid):
     table, report = ingest_shard(DigestingReader(io.BytesIO(tar)), shard="s.tar", partition=0, config=config,
                                  langid=langid, size=len(tar))
     assert table.column("drop_reason").to_pylist() == [None] and report.shard_error is None
+
+
+def test_a_hostile_json_is_an_error_of_its_sample_not_of_the_run(langid):
+    deep = b'{"a": ' * 100_000 + b"1" + b"}" * 100_000
+    surrogate = b'{"url": "http://x/\\ud800.jpg", "uid": "0123456789abcdef0123456789abcdef"}'
+    tar = make_tar([("a.jpg", jpeg_bytes()), ("a.txt", CAPTION), ("a.json", deep),
+                    ("b.jpg", jpeg_bytes()), ("b.txt", CAPTION), ("b.json", surrogate),
+                    ("c.jpg", jpeg_bytes()), ("c.txt", CAPTION), ("c.json", b'{"url": "http://x/c.jpg"}')])
+    rows, report = ingest(tar, langid)
+    assert report.samples == 3
+    assert rows["a"]["json_error"] == "'a.json' is nested too deeply to parse"
+    assert rows["b"]["json_error"] == "'b.json' holds a string with a lone surrogate escape ('\\ud800')"
+    assert rows["b"]["uid_source"] != "json"  # nothing of a rejected json is used
+    assert rows["c"]["json_error"] is None and rows["c"]["uid_source"] == "url_caption"
+    assert all(rows[k]["drop_reason"] is None for k in "abc")
