@@ -63,9 +63,9 @@ def group_map(
     `emit(item)` returns a batch (dict of numpy arrays, 2-D arrays allowed) for one work item;
     Ray Data hash-partitions the rows by `key` and calls `per_group(batch)` once per distinct key
     with all of that key's rows; `num_partitions` bounds how many keys' rows a task holds at once
-    (a hash-shuffle reduce task holds about 1/num_partitions of all rows). With `then=(key2, fn)` the results are shuffled again by `key2`
-    and `fn(table)` (an Arrow table) runs once per value of it (to route results home to their
-    partition). Yields the last step's result batches as they complete. No process ever holds
+    (a hash-shuffle reduce task holds about 1/num_partitions of all rows). With `then=(key2, fn)`
+    the results are shuffled again by `key2` and `fn(table)` (an Arrow table) runs once per value
+    of it (to route results home to their partition). Yields the last step's result batches as they complete. No process ever holds
     more than the groups it was given.
     """
     if not items:
