@@ -4,7 +4,6 @@ silence, and keeps every offset exact."""
 import io
 import random
 import tarfile
-import time
 
 import pyarrow as pa
 import pytest
@@ -60,9 +59,8 @@ def test_every_corrupt_stretch_is_reported():
 def test_a_size_far_beyond_the_file_is_refused_at_once(seekable, size_field):
     huge = header(b"huge.jpg", size_field) + b"\xab" * 2048
     tar = make_tar([("a.txt", b"first")])[:1024] + huge + member(b"b.txt", b"after") + END
-    started = time.perf_counter()
     members, reader = read(tar, seekable=seekable)
-    assert time.perf_counter() - started < 1
+    assert reader.blocks_examined <= 2 * (len(tar) // BLOCK + 2)  # never reads through the claimed size
     assert members[0].data == b"first"
     assert members[1].name == "huge.jpg" and members[1].problem == "oversize_member" and members[1].data is None
     if seekable:  # the size is known: the rest of the shard is searched, and b.txt found
@@ -91,16 +89,15 @@ def test_pax_size_that_is_not_a_number_is_unsafe_and_the_stream_continues():
 
 def test_pax_size_of_1e20_bytes_is_refused_without_seeking():
     tar = pax({b"size": b"1" + b"0" * 20}) + member(b"p.jpg", b"P" * 100) + member(b"q.txt", b"Q") + END
-    started = time.perf_counter()
     for seekable in (True, False):
-        members, _ = read(tar, seekable=seekable)
+        members, reader = read(tar, seekable=seekable)
         assert members[0].name == "p.jpg" and members[0].problem == "oversize_member"
-    assert time.perf_counter() - started < 1
+        assert reader.blocks_examined <= 2 * (len(tar) // BLOCK + 2)
 
 
 @pytest.mark.parametrize("make", [
     lambda raw: member(raw, b"data"),
-    lambda raw: pax({b"path": raw}) + member(b"placeholder.jpg", b"data"),
+    lambda raw: pax({b"path": raw}) + member(b"named-by-pax.jpg", b"data"),
     lambda raw: member(b"././@LongLink", raw + b"\x00", b"L") + member(b"cut", b"data"),
 ])
 def test_names_that_are_not_utf8_are_escaped_and_refused(make):
@@ -250,7 +247,6 @@ def test_fuzzed_shards_never_raise_never_hang_and_lose_no_untouched_member():
     and the blocks examined stay within twice the shard's blocks."""
     rng = random.Random(20261202)
     bases = [random_shard(rng) for _ in range(40)]
-    started = time.perf_counter()
     cases = checked = 0
     for case in range(5000):
         shard, listing = bases[case % len(bases)]
@@ -266,4 +262,3 @@ def test_fuzzed_shards_never_raise_never_hang_and_lose_no_untouched_member():
         cases += 1
         checked += len(expected)
     assert cases == 5000 and checked > 10_000
-    assert time.perf_counter() - started < 20  # some 2 s on two cores
