@@ -20,6 +20,7 @@ import pyarrow as pa
 from pipeline.algorithms.exact_dup import exact_duplicates
 from pipeline.algorithms.near_dup import _compress, connected_components, hamming_distance, index_plan, near_duplicates
 from pipeline.algorithms.semdedup import semdedup_cluster_with_similarity
+from pipeline.io.datacomp import uid_halves
 from pipeline.io.decisions import updates
 from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table
@@ -177,18 +178,11 @@ def exact_step(reference) -> Step:
 # uid, a published sample before any new one. With one bucket the records go to one task that
 # links them all at once, the same components.
 
-def _uid_halves(uid: np.ndarray) -> np.ndarray:
-    """32-hex uids as (n, 2) big-endian uint64 halves: their order is the uids' string order."""
-    if len(uid) == 0:
-        return np.zeros((0, 2), np.uint64)
-    return np.frombuffer(bytes.fromhex("".join(uid)), dtype=">u8").reshape(-1, 2).astype(np.uint64)
-
-
 def emit_phash(item: dict, buckets: int, plan: list[int], **_) -> pa.Table:
     """One record per survivor, or with several buckets one per survivor and index table."""
     rows, found = _survivors(item, ["phash"])
     phash = np.asarray(found["phash"]).astype(np.uint64)
-    halves = _uid_halves(found["uid"].astype(str))
+    halves = uid_halves(found["uid"].astype(str), f"partition {item['partition']}")  # order as the uid strings
     gid = _gids(item["partition"], rows, item.get("index", 0))
     tables = range(len(plan)) if buckets > 1 else [0]
     parts = []

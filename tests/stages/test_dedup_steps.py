@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.algorithms.near_dup import index_plan
+from pipeline.io.datacomp import uid_halves
 from pipeline.stages import dedup
 from pipeline.stages.steps import integer_buckets, string_buckets
 
@@ -22,7 +23,7 @@ def _phash_pool(seed=4, n=4000):
     partition = np.where(rng.random(n) < 0.1, dedup.PUBLISHED, rng.integers(0, 5, n))
     row = np.arange(n, dtype=np.int64)
     gid = np.where(partition == dedup.PUBLISHED, -1 - row, (partition.astype(np.int64) << 32) | row)
-    halves = dedup._uid_halves(uids)
+    halves = uid_halves(uids, "test")
     return hashes, uids, gid, halves
 
 
