@@ -24,6 +24,8 @@ DROP_REASONS: tuple[DropReason, ...] = (
     DropReason("truncated", "ingest", "a member is cut short by the end of the shard, or a listed sample is lost where "
                "the shard's tar structure broke"),
     DropReason("oversize_member", "ingest", "a member is larger than ingest.max_member_bytes"),
+    DropReason("duplicate_key", "ingest", "a member repeats the key (and extension) of an earlier sample in the same "
+               "shard: the later sample, which WebDataset readers would merge into the first or skip"),
     DropReason("missing_image", "ingest", "no image member"),
     DropReason("image_too_large", "ingest", "image header declares more than ingest.max_image_pixels (never decoded)"),
     DropReason("corrupt_image", "ingest", "the image does not decode"),

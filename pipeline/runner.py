@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import __version__
@@ -49,6 +49,7 @@ class RunSummary:
     dropped: dict[str, int]
     stages: dict[str, dict]
     shards: int
+    shard_errors: list[dict] = field(default_factory=list)  # input shards not read to their end
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ def _nothing_new(paths: RunPaths, manifest: Manifest) -> RunSummary:
     fs.write_bytes_atomic(paths.url("shards", "sizes.json"), b"{}\n")
     manifest.data["stages"] = {}
     manifest.data["counts"] = {"input": 0, "kept": 0, "dropped": {}}
+    manifest.data["shard_errors"] = []
     manifest.save()
     return RunSummary(paths.root, 0, 0, {}, {}, 0)
 
@@ -358,7 +360,8 @@ def check_invariant(paths: RunPaths, manifest: Manifest) -> RunSummary:
     stage_table = {
         name: {k: stages[name][k] for k in ("seconds", "samples_in", "samples_out", "skipped")} for name in stages
     }
-    return RunSummary(paths.root, total, kept, ordered, stage_table, stages["write"]["counts"].get("shards", 0))
+    return RunSummary(paths.root, total, kept, ordered, stage_table, stages["write"]["counts"].get("shards", 0),
+                      manifest.data.get("shard_errors", []))
 
 
 def format_summary(summary: RunSummary) -> str:
@@ -371,6 +374,13 @@ def format_summary(summary: RunSummary) -> str:
     lines.append(f"input samples {summary.samples} = kept {summary.kept} + dropped {summary.samples - summary.kept}")
     for reason, count in summary.dropped.items():
         lines.append(f"  {reason:<22} {count:>8}")
+    if summary.shard_errors:
+        first = summary.shard_errors[0]
+        lines.append(f"shard errors: {len(summary.shard_errors)} input shard(s) could not be read to their end "
+                     f"(first: {first['shard']} at byte {first['offset']}); where and why each broke: "
+                     "manifest.json shard_errors, or the shard_errors view")
+    else:
+        lines.append("shard errors: none (every input shard read to its end)")
     lines.append(f"output: {summary.output}/shards ({summary.shards} shards), metadata: {summary.output}/metadata")
     if "report" in summary.stages:  # a run with no new shards writes no report
         lines.append(f"report: {summary.output}/report.html")

@@ -25,8 +25,9 @@ class Column:
 
 _IDENTITY = [
     Column("uid", pa.string(), "ingest", "128-bit id, 32 hex chars: the json's `uid`, else derived (see uid_source). Unique among kept samples."),
-    Column("shard", pa.string(), "ingest", "input shard, relative to the pool's directory"),
-    Column("key", pa.string(), "ingest", "the sample's key inside its shard (member name up to the first dot)"),
+    Column("shard", pa.string(), "ingest", "input shard, relative to the pool's directory (.tar, or gzip: .tar.gz, .tgz)"),
+    Column("key", pa.string(), "ingest", "the sample's key inside its shard (member name up to the first dot); "
+           "a key repeated in the shard gives one row per repeat, dropped as duplicate_key"),
     Column("partition", pa.int32(), "ingest", "index of the input shard in this run (sorted shard URLs)"),
     Column("row", pa.int32(), "ingest", "position of the sample in its partition (first appearance in the tar)"),
 ]
@@ -65,12 +66,14 @@ _INGEST = [
     Column("image_ext", pa.string(), "ingest", "extension of the image member (jpg, png, ...)"),
     Column("sha256", pa.string(), "ingest", "sha256 of the image bytes, hex"),
     Column("phash", pa.uint64(), "ingest", "64-bit DCT perceptual hash of the image (imagehash.phash bits)"),
-    Column("image_offset", pa.int64(), "ingest", "byte offset of the image data in the shard"),
+    Column("image_offset", pa.int64(), "ingest", "byte offset of the image data in the shard (in the uncompressed tar of a gzip shard)"),
     Column("image_size", pa.int64(), "ingest", "byte size of the image member"),
     Column("text_offset", pa.int64(), "ingest", "byte offset of the .txt data"),
     Column("text_size", pa.int64(), "ingest", "byte size of the .txt member"),
+    Column("text_sha256", pa.string(), "ingest", "sha256 of the .txt bytes, hex (the write stage checks it)"),
     Column("json_offset", pa.int64(), "ingest", "byte offset of the .json data"),
     Column("json_size", pa.int64(), "ingest", "byte size of the .json member"),
+    Column("json_sha256", pa.string(), "ingest", "sha256 of the .json bytes, hex (the write stage checks it)"),
     Column("json_error", pa.string(), "ingest", "why the .json could not be used, if it could not (not a drop)"),
 ]
 

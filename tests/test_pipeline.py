@@ -1,6 +1,7 @@
 """End to end on an embedded Ray: every sample accounted for, deterministic, resumable."""
 
 import filecmp
+import gzip
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import UserError
-from pipeline.runner import run_pipeline
+from pipeline.io.catalog import connect
+from pipeline.runner import format_summary, run_pipeline
 from tests.helpers import jpeg_bytes, link, make_tar, png_header_only, read_metadata, run_config, shard_members
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -165,6 +167,10 @@ def test_hostile_and_broken_shards_end_in_metadata_and_nothing_escapes(tmp_path)
     whole = make_tar([("a.jpg", jpeg_bytes(300, 300)), ("a.txt", caption), ("b.jpg", jpeg_bytes(400, 400)), ("b.txt", caption)])
     (pool / "00000002.tar").write_bytes(whole[: len(whole) // 2])
     (pool / "00000003.tar").write_bytes(b"this is not a tar file at all" * 100)
+    # gzip-compressed shards are read, and a key repeated within a shard is a row of its own
+    (pool / "00000004.tar.gz").write_bytes(gzip.compress(make_tar([
+        ("z.jpg", jpeg_bytes(280, 280)), ("z.txt", caption), ("z.jpg", jpeg_bytes(290, 290)), ("z.txt", caption),
+    ]), mtime=0))
     before = {p for p in tmp_path.rglob("*")}
     out = tmp_path / "out"
     summary = run_pipeline(run_config(pool, out))
@@ -178,10 +184,23 @@ def test_hostile_and_broken_shards_end_in_metadata_and_nothing_escapes(tmp_path)
     assert meta.loc["bomb", "drop_reason"] == "image_too_large"
     assert meta.loc["good", "kept"]
     assert meta.loc["a", "kept"] and meta.loc["b", "drop_reason"] == "truncated"
-    assert summary.kept == 2 and summary.samples == 7
+    gzipped = meta[meta.shard == "00000004.tar.gz"]
+    assert sorted(gzipped.drop_reason.fillna("kept")) == ["duplicate_key", "kept"]
+    assert summary.kept == 3 and summary.samples == 9
+    # one entry per shard not read to its end, at the top of the manifest, in the catalog and the summary
     manifest = json.loads((out / "manifest.json").read_text())
-    errors = manifest["stages"]["ingest"]["counts"]["shard_errors"]
-    assert len(errors) == 1 and "00000003.tar" in errors[0]
+    errors = manifest["shard_errors"]
+    assert [(e["shard"], type(e["offset"])) for e in errors] == [("00000002.tar", int), ("00000003.tar", int)]
+    assert "b.jpg" in errors[0]["error"] and "corrupt tar header at byte 0" in errors[1]["error"]
+    assert not any(e["error"].startswith("shard ") for e in errors)  # the shard is its own field
+    assert summary.shard_errors == errors
+    assert "shard errors: 2 input shard(s) could not be read to their end (first: 00000002.tar" in format_summary(summary)
+    con = connect(str(out))
+    assert con.execute('select shard, "offset", error from shard_errors order by shard').fetchall() == [
+        (e["shard"], e["offset"], e["error"]) for e in errors]
+    con.close()
+    report = (out / "report.html").read_text()
+    assert 'id="shard-errors-table"' in report and "00000003.tar" in report
     assert sorted(n.split(".")[0] for n in shard_members(out) if n.endswith(".jpg")) == sorted(meta[meta.kept].uid)
 
 

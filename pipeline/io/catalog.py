@@ -1,5 +1,6 @@
-"""DuckDB views over a run's Parquet files: `samples`, `embeddings`, `clusters`, and `duplicates`
-(each dedup drop with the sample its `duplicate_of` chain ends at)."""
+"""DuckDB views over a run's files: `samples`, `embeddings`, `clusters` (its Parquet), `duplicates`
+(each dedup drop with the sample its `duplicate_of` chain ends at) and `shard_errors` (the input
+shards that could not be read to their end, from manifest.json)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,16 @@ def _register_filesystem(con: duckdb.DuckDBPyConnection, run_url: str) -> None:
         con.register_filesystem(fs.to_fs(run_url)[0])
 
 
+# manifest.json's `shard_errors`, one row per entry; the column types are given, so that a run
+# without errors (an empty list) has the same columns.
+SHARD_ERRORS_VIEW = """
+create view shard_errors as
+select e.shard, e."offset", e.error
+from (select unnest(shard_errors) as e
+      from read_json({manifest}, columns = {{'shard_errors': 'STRUCT(shard VARCHAR, "offset" BIGINT, error VARCHAR)[]'}}))
+"""
+
+
 def _create_views(con: duckdb.DuckDBPyConnection, run_url: str) -> list[str]:
     sources = _view_sources(run_url)
     for view, glob in sources.items():
@@ -75,6 +86,11 @@ def _create_views(con: duckdb.DuckDBPyConnection, run_url: str) -> list[str]:
     if "samples" in sources:
         con.execute(DUPLICATES_VIEW)
         views.append("duplicates")
+    manifest = fs.join(run_url, "manifest.json")
+    if fs.exists(manifest):
+        con.execute(SHARD_ERRORS_VIEW.format(manifest=_sql_string(manifest if fs.has_protocol(manifest)
+                                                                  else os.path.abspath(manifest))))
+        views.append("shard_errors")
     return views
 
 

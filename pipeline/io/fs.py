@@ -34,15 +34,19 @@ def join(url: str, *parts: str) -> str:
 
 
 def resolve_shards(spec: str | list[str]) -> list[str]:
-    """Expand a pool spec (directory, glob, brace pattern, or a list of them) into sorted .tar URLs."""
-    found = resolve_files(spec, ".tar", what="input")
+    """Expand a pool spec (directory, glob, brace pattern, or a list of them) into sorted shard URLs
+    (.tar, and gzip-compressed .tar.gz / .tgz)."""
+    from pipeline.io.compression import SHARD_SUFFIXES
+
+    found = resolve_files(spec, SHARD_SUFFIXES, what="input")
     if not found:
-        raise FileNotFoundError(f"input {spec!r} matches no .tar shards")
+        raise FileNotFoundError(f"input {spec!r} matches no .tar (.tar.gz, .tgz) shards")
     return found
 
 
-def resolve_files(spec: str | list[str], suffix: str, what: str = "path") -> list[str]:
-    """Sorted URLs of the `suffix` files a directory, glob, brace pattern or list of them names."""
+def resolve_files(spec: str | list[str], suffix: str | tuple[str, ...], what: str = "path") -> list[str]:
+    """Sorted URLs of the files ending in `suffix` (one, or a tuple of them) that a directory, glob,
+    brace pattern or list of them names."""
     patterns = [spec] if isinstance(spec, str) else list(spec)
     found: set[str] = set()
     for pattern in patterns:
@@ -51,7 +55,7 @@ def resolve_files(spec: str | list[str], suffix: str, what: str = "path") -> lis
             if _GLOB_CHARS & set(path):
                 matches = _glob_files(fs, path)
             elif fs.isdir(path):
-                matches = _glob_files(fs, posixpath.join(path.rstrip("/"), f"*{suffix}"))
+                matches = _glob_files(fs, posixpath.join(path.rstrip("/"), "*"))
             elif fs.exists(path):
                 matches = [path]
             else:

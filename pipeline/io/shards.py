@@ -7,6 +7,7 @@ in offset order through a read-ahead buffer (on S3, a few large ranged GETs).
 from __future__ import annotations
 
 from pipeline.io import fs
+from pipeline.io.compression import open_member_stream
 
 KINDS = ("image", "text", "json")
 
@@ -17,24 +18,22 @@ class MemberReadError(RuntimeError):
 
 def fetch_members(source: str, samples: list[dict], *, kinds=KINDS, block_size: int = 8 * 2**20) -> list[dict]:
     """For each sample (with `<kind>_offset` / `<kind>_size` fields) return {kind: bytes or None},
-    in the order given."""
-    order = sorted(range(len(samples)), key=lambda i: samples[i].get("image_offset") or 0)
-    fetched: list[dict | None] = [None] * len(samples)
+    in the order given. Members are read in offset order, so a gzip shard is decompressed once,
+    forward."""
+    reads = sorted(
+        (sample[f"{kind}_offset"], i, kind, sample[f"{kind}_size"])
+        for i, sample in enumerate(samples) for kind in kinds if sample.get(f"{kind}_offset") is not None
+    )
+    fetched = [dict.fromkeys(kinds) for _ in samples]
     with fs.open_input(source, block_size) as handle:
-        for i in order:
-            sample, members = samples[i], {}
-            for kind in kinds:
-                offset, size = sample.get(f"{kind}_offset"), sample.get(f"{kind}_size")
-                if offset is None:
-                    members[kind] = None
-                    continue
-                handle.seek(offset)
-                data = handle.read(size)
-                if len(data) != size:
-                    raise MemberReadError(
-                        f"shard {source}: sample {sample.get('uid')}: {kind} member is cut short "
-                        "(the shard changed since ingest?)"
-                    )
-                members[kind] = data
-            fetched[i] = members
+        stream = open_member_stream(handle)
+        for offset, i, kind, size in reads:
+            stream.seek(offset)
+            data = stream.read(size)
+            if len(data) != size:
+                raise MemberReadError(
+                    f"shard {source}: sample {samples[i].get('uid')}: {kind} member is cut short "
+                    "(the shard changed since ingest?)"
+                )
+            fetched[i][kind] = data
     return fetched

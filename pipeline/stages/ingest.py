@@ -28,14 +28,15 @@ from PIL import Image
 
 from pipeline.algorithms.basic_filter import basic_filter_reasons
 from pipeline.config import CurateConfig
+from pipeline.io.compression import open_tar_stream, shard_stem
 from pipeline.io.tar import TarMember, TarReader, stream_size
-from pipeline.schema import INGEST_SCHEMA
+from pipeline.schema import INGEST_COLUMNS, INGEST_SCHEMA
 
 log = logging.getLogger("curate")
 _HEX_UID = re.compile(r"[0-9a-fA-F]{32}")  # used with fullmatch: "$" would also accept a trailing newline
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 # Precedence among ingest problems when a sample has several (pipeline.reasons order).
-_INGEST_ORDER = ("unsafe_member", "truncated", "oversize_member")
+_INGEST_ORDER = ("unsafe_member", "truncated", "oversize_member", "duplicate_key")
 
 
 class LanguageIdentifier:
@@ -107,6 +108,7 @@ class _Sample:
     key: str
     row: int
     problems: list[tuple[str, str]] = field(default_factory=list)
+    exts: set[str] = field(default_factory=set)  # the member extensions it holds, each once
     images: dict[str, tuple[TarMember, str, ImageInfo]] = field(default_factory=dict)  # ext -> (member, sha, info)
     text: TarMember | None = None
     text_bytes: bytes | None = None
@@ -118,7 +120,8 @@ class _Sample:
 class ShardReport:
     samples: int = 0
     reasons: Counter = field(default_factory=Counter)
-    shard_error: str | None = None
+    shard_error: str | None = None  # why the shard could not be read to its end, naming it
+    shard_error_offset: int | None = None  # the byte (of the uncompressed tar) where reading first failed
     seconds: float = 0.0
 
 
@@ -162,37 +165,59 @@ def ingest_shard(
     started = time.perf_counter()
     ingest = config.ingest
     image_exts = [e.lower() for e in ingest.image_extensions]
-    samples: dict[str, _Sample] = {}
+    samples: list[_Sample] = []
+    by_key: dict[str, list[_Sample]] = {}  # a key repeated within the shard: one sample per occurrence
     report = ShardReport()
 
     def sample_for(member: TarMember) -> _Sample:
-        sample = samples.get(member.key)
+        """The first sample of this key without a member of this extension yet, else a new one."""
+        occurrences = by_key.setdefault(member.key, [])
+        sample = next((s for s in occurrences if member.ext not in s.exts), None)
         if sample is None:
-            sample = samples[member.key] = _Sample(member.key, len(samples))
+            sample = _Sample(member.key, len(samples))
+            if occurrences:
+                sample.problems.append(("duplicate_key", f"member {member.name!r} repeats the key {member.key!r} of an "
+                                        f"earlier sample in the shard; only the first sample with a key is used"))
+            occurrences.append(sample)
+            samples.append(sample)
             if progress is not None:
                 progress(samples=1)
+        sample.exts.add(member.ext)
         return sample
 
-    reader = TarReader(stream, ingest.max_member_bytes, size=size)
+    stream, gzip_stream = open_tar_stream(stream)
+    reader = TarReader(stream, ingest.max_member_bytes, size=None if gzip_stream else size)
+    cut: TarMember | None = None  # the first member cut short by the end of the shard
     for member in reader:
         sample = sample_for(member)
         if member.problem is not None:
             sample.problems.append((member.problem, member.detail))
+            if member.problem == "truncated" and cut is None:
+                cut = member
             continue
-        if member.ext in image_exts and member.ext not in sample.images:
+        if member.ext in image_exts:
             sha = hashlib.sha256(member.data).hexdigest()
             info = inspect_image(member.data, member.name, ingest.max_image_pixels)
             member.data = None
             sample.images[member.ext] = (member, sha, info)
-        elif member.ext == "txt" and sample.text is None:
+        elif member.ext == "txt":
             sample.text, sample.text_bytes = member, member.data
-        elif member.ext == "json" and sample.json_member is None:
+        elif member.ext == "json":
             sample.json_member, sample.json_bytes = member, member.data
         member.data = None
-    if reader.breaks:  # the reader resynchronised past them: the samples they held are lost
-        report.shard_error = f"shard {shard}: " + "; ".join(str(b) for b in reader.breaks)
+    # Where the shard stopped being readable: structure skipped or missing (the reader resynchronised
+    # past it, or nothing followed), a broken gzip stream, a member cut short by the end.
+    failures = [(b.offset, str(b)) for b in reader.breaks]
+    if gzip_stream is not None and gzip_stream.error is not None:
+        failures.append((gzip_stream.delivered, gzip_stream.error))
+    if cut is not None and not failures:
+        failures.append((cut.offset, cut.detail))
+    if failures:
+        failures.sort(key=lambda f: f[0])
+        report.shard_error_offset = failures[0][0]
+        report.shard_error = f"shard {shard}: " + "; ".join(text for _, text in failures)
 
-    rows = [_sample_row(s, shard, partition, image_exts, langid) for s in samples.values()]
+    rows = [_sample_row(s, shard, partition, image_exts, langid) for s in samples]
     table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
     table = _apply_basic_filter(table, config)
     report.samples = table.num_rows
@@ -230,6 +255,7 @@ def _sample_row(sample: _Sample, shard: str, partition: int, image_exts: list[st
     if sample.json_member is not None:
         meta, row["json_error"] = _sample_json(sample.json_member.name, sample.json_bytes)
         row["json_offset"], row["json_size"] = sample.json_member.offset, sample.json_member.size
+        row["json_sha256"] = hashlib.sha256(sample.json_bytes).hexdigest()
     url = meta.get("url") if isinstance(meta.get("url"), str) else None
     row["url"] = url
     row["original_width"] = _int_or_none(meta.get("original_width"))
@@ -238,6 +264,7 @@ def _sample_row(sample: _Sample, shard: str, partition: int, image_exts: list[st
     caption = None
     if sample.text is not None:
         row["text_offset"], row["text_size"] = sample.text.offset, sample.text.size
+        row["text_sha256"] = hashlib.sha256(sample.text_bytes).hexdigest()
         try:
             caption = sample.text_bytes.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -358,8 +385,8 @@ def account_listed_samples(table: pa.Table, listing: pa.Table, *, shard: str, pa
 
 
 def listing_url(shard_url: str) -> str:
-    """img2dataset writes `00000.parquet` beside `00000.tar`."""
-    return shard_url[: -len(".tar")] + ".parquet"
+    """img2dataset writes `00000.parquet` beside `00000.tar` (or `00000.tar.gz`)."""
+    return shard_stem(shard_url) + ".parquet"
 
 
 class DigestingReader:
@@ -443,6 +470,7 @@ class IngestWorker:
             "kept": report.samples - sum(report.reasons.values()),
             "reasons": dict(sorted(report.reasons.items())),
             "shard_error": report.shard_error or "",
+            "shard_error_offset": report.shard_error_offset,
             "seconds": report.seconds,
             "input": seen,
         }
@@ -533,6 +561,7 @@ NAME = "ingest"
 
 def config_fingerprint(config: CurateConfig) -> dict:
     return {
+        "columns": [c.name for c in INGEST_COLUMNS],  # a new column re-runs ingest on old outputs
         "ingest": config.ingest.model_dump(mode="json"),
         "basic_filter": config.basic_filter.model_dump(mode="json"),
     }
@@ -559,6 +588,7 @@ def run(ctx) -> None:
             "kept": result["kept"],
             "reasons": result["reasons"],
             "shard_error": result["shard_error"] or None,
+            "shard_error_offset": result["shard_error_offset"],
             "input": result["input"],
         }
         if stats["shard_error"]:
@@ -571,4 +601,18 @@ def run(ctx) -> None:
     ctx.record.samples_in = sum(s["samples"] for s in stats)
     ctx.record.samples_out = sum(s["kept"] for s in stats)
     ctx.record.counts["dropped"] = dict(sorted(reasons.items()))
-    ctx.record.counts["shard_errors"] = [s["shard_error"] for s in stats if s["shard_error"]]
+    ctx.record.counts["shard_errors"] = shard_errors(ctx.partitions, ctx.record)
+    ctx.manifest.data["shard_errors"] = ctx.record.counts["shard_errors"]  # also at the top, for users
+
+
+def shard_errors(partitions, record) -> list[dict]:
+    """One entry per input shard that could not be read to its end, in partition order:
+    {"shard": its name relative to the pool, "offset": the byte where reading first failed, "error"}."""
+    stats = record.counts.get("partitions", {})
+    found = []
+    for p in partitions:
+        seen = stats.get(str(p.index), {})
+        if seen.get("shard_error"):
+            error = seen["shard_error"].removeprefix(f"shard {p.name}: ")
+            found.append({"shard": p.name, "offset": seen.get("shard_error_offset"), "error": error})
+    return found

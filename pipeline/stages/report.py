@@ -216,6 +216,28 @@ def stages_section(inputs: ReportInputs) -> str:
             '<p class="note">A stage sees the survivors of the stages before it; embed scores every sample with an image.</p>')
 
 
+def shard_errors_section(inputs: ReportInputs) -> str:
+    """The input shards that could not be read to their end: where each broke and why."""
+    inputs.require_manifest()
+    errors = inputs.manifest.get("shard_errors")
+    if errors is None:
+        raise Missing("the manifest records no shard errors list (the run did not finish its ingest stage)")
+    shards = len((inputs.manifest.get("input") or {}).get("shards", []))
+    if not errors:
+        return f'<p id="shard-errors-none">Every one of the {shards:,} input shards was read to its end.</p>'
+    rows = "".join(f'<tr><td><code>{esc(e["shard"])}</code></td><td class="n">{_byte(e["offset"])}</td>'
+                   f'<td>{esc(e["error"])}</td></tr>' for e in errors)
+    return (f'<p>{len(errors):,} of {shards:,} input shards could not be read to their end. The samples read from '
+            'them are in the metadata (a member cut short is <code>truncated</code>); a stretch skipped to the next '
+            'valid tar header lost the samples it held, unless the shard\'s img2dataset listing names them.</p>'
+            '<table id="shard-errors-table"><thead><tr><th>shard</th><th>byte</th><th>error</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
+
+
+def _byte(offset) -> str:
+    return "-" if offset is None else f"{offset:,}"
+
+
 def counts_section(inputs: ReportInputs) -> str:
     inputs.require_samples("kept", "drop_reason")
     total, kept = inputs.con.execute("select count(*), count(*) filter (where kept) from samples").fetchone()
@@ -461,6 +483,7 @@ def _eval_figure(arms: list[dict], metrics: list[str], this: str | None):
 SECTIONS: list[Section] = [
     Section("overview", "Run", overview_section),
     Section("stages", "Stages", stages_section),
+    Section("shard-errors", "Shard errors", shard_errors_section),
     Section("counts", "Kept and dropped", counts_section),
     Section("clip-scores", "CLIP scores", _score_section("clip_score", "CLIP", "select.clip")),
     Section("dfn-scores", "DFN scores", _score_section("dfn_score", "DFN", "select.dfn")),

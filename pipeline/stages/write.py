@@ -31,9 +31,13 @@ from pipeline.ray_adapter import map_items, run_remote
 
 NAME = "write"
 PLAN_COLUMNS = [
-    "uid", "partition", "row", "kept", "sha256", "image_ext",
-    "image_offset", "image_size", "text_offset", "text_size", "json_offset", "json_size",
+    "uid", "partition", "row", "kept", "sha256", "image_ext", "image_format",
+    "image_offset", "image_size", "text_offset", "text_size", "text_sha256", "json_offset", "json_size", "json_sha256",
 ]
+# The extension an image is published under, from the format its bytes decoded as (a .jpg member
+# holding a PNG is written as .png, so that readers choosing a decoder by extension get it right).
+FORMAT_EXTENSIONS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "GIF": ("gif",),
+                     "BMP": ("bmp",), "TIFF": ("tiff", "tif")}
 
 
 class WriteError(RuntimeError):
@@ -140,6 +144,21 @@ def teacher_embeddings(spec: dict, embedding_urls: dict[int, str]) -> dict[str, 
     return members
 
 
+def published_ext(sample: dict) -> str:
+    """The image member's extension in the output: its own, unless its bytes are another format."""
+    names = FORMAT_EXTENSIONS.get(sample.get("image_format") or "")
+    return sample["image_ext"] if names is None or sample["image_ext"] in names else names[0]
+
+
+def _check_unchanged(source: str, sample: dict, members: dict) -> None:
+    """Every member written must be the bytes ingest read (the pool may have changed since)."""
+    for kind, recorded in (("image", sample["sha256"]), ("text", sample.get("text_sha256")),
+                           ("json", sample.get("json_sha256"))):
+        data = members[kind]
+        if data is not None and (recorded is None or hashlib.sha256(data).hexdigest() != recorded):
+            raise WriteError(f"shard {source}: sample {sample['uid']}: {kind} bytes differ from those ingested")
+
+
 def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls: dict[int, str] | None = None,
                 progress=None) -> tuple[int, int]:
     """Write one output shard; returns (samples written, uid digest) as read back from the tar.
@@ -161,9 +180,8 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls:
             for source, samples in by_source.items():
                 fetched = fetch_members(source, samples, block_size=read_block_bytes)
                 for sample, members in zip(samples, fetched):  # pool order within the shard
-                    if hashlib.sha256(members["image"]).hexdigest() != sample["sha256"]:
-                        raise WriteError(f"shard {source}: sample {sample['uid']}: image bytes differ from those ingested")
-                    writer.add(f"{sample['uid']}.{sample['image_ext']}", members["image"])
+                    _check_unchanged(source, sample, members)
+                    writer.add(f"{sample['uid']}.{published_ext(sample)}", members["image"])
                     writer.add(f"{sample['uid']}.txt", members["text"])
                     if members["json"] is not None:
                         writer.add(f"{sample['uid']}.json", members["json"])

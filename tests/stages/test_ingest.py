@@ -1,3 +1,5 @@
+import gzip
+import hashlib
 import io
 import json
 import tarfile
@@ -142,7 +144,9 @@ def test_truncated_shard_keeps_what_was_read(langid):
     rows, report = ingest(cut, langid)
     assert rows["a"]["drop_reason"] is None
     assert rows["b"]["drop_reason"] == "truncated"
-    assert report.shard_error is None  # the cut member is accounted for as a sample
+    # the cut member is a sample's row, and the shard, not read to its end, has an error naming where
+    assert 0 < report.shard_error_offset < len(cut)  # where b.jpg's data starts
+    assert report.shard_error.startswith("shard 00000000.tar: member 'b.jpg' is cut short by the end of the shard")
 
 
 def test_not_a_tar_is_a_shard_error(langid):
@@ -259,3 +263,47 @@ def test_a_hostile_json_is_an_error_of_its_sample_not_of_the_run(langid):
     assert rows["b"]["uid_source"] != "json"  # nothing of a rejected json is used
     assert rows["c"]["json_error"] is None and rows["c"]["uid_source"] == "url_caption"
     assert all(rows[k]["drop_reason"] is None for k in "abc")
+
+
+def test_a_repeated_key_is_a_row_of_its_own(langid):
+    first, second = jpeg_bytes(300, 300), jpeg_bytes(320, 320, colour=(10, 200, 10))
+    tar = make_tar([("k.jpg", first), ("k.txt", CAPTION), ("other.jpg", first), ("other.txt", CAPTION),
+                    ("k.jpg", second), ("k.txt", CAPTION + b" again"), ("k.txt", b"a third caption, alone")])
+    config = CurateConfig.model_validate({"input": "pool", "output": "out"})
+    table, report = ingest_shard(io.BytesIO(tar), shard="00000000.tar", partition=0, config=config, langid=langid)
+    rows = table.to_pylist()
+    assert [(r["key"], r["row"]) for r in rows] == [("k", 0), ("other", 1), ("k", 2), ("k", 3)]
+    assert rows[0]["drop_reason"] is None and rows[0]["width"] == 300 and rows[0]["caption"] == CAPTION.decode()
+    assert rows[1]["drop_reason"] is None
+    assert [r["drop_reason"] for r in rows[2:]] == ["duplicate_key", "duplicate_key"]
+    assert rows[2]["width"] == 320 and rows[2]["caption"].endswith("again")  # its own members, not the first's
+    assert "member 'k.jpg' repeats the key 'k'" in rows[2]["drop_detail"]
+    assert "member 'k.txt' repeats the key 'k'" in rows[3]["drop_detail"]
+    assert report.samples == 4 and report.reasons == {"duplicate_key": 2}
+
+
+def test_a_gzip_shard_reads_as_its_tar_with_the_same_offsets(langid):
+    tar = make_tar([("a.jpg", jpeg_bytes()), ("a.txt", CAPTION), ("b.jpg", jpeg_bytes(300, 200)), ("b.txt", CAPTION)])
+    plain, _ = ingest(tar, langid)
+    packed, report = ingest(gzip.compress(tar, mtime=0), langid)  # whatever the name says: the bytes are gzip
+    assert packed == plain and report.shard_error is None
+
+
+def test_a_cut_short_gzip_shard_keeps_what_was_read_and_names_the_break(langid):
+    tar = make_tar([("a.jpg", jpeg_bytes()), ("a.txt", CAPTION)] +
+                   [(f"n{i}.jpg", jpeg_bytes(300, 300, colour=(i, 9, 9), quality=95)) for i in range(8)])
+    packed = gzip.compress(tar, mtime=0)
+    rows, report = ingest(packed[: len(packed) * 2 // 3], langid)
+    assert rows["a"]["drop_reason"] is None
+    assert "the gzip stream breaks after" in report.shard_error and report.shard_error_offset > 0
+    corrupt = bytearray(packed)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    rows, report = ingest(bytes(corrupt), langid)
+    assert rows["a"]["drop_reason"] is None and report.shard_error is not None
+
+
+def test_captions_and_json_are_hashed_for_the_write_stage(langid):
+    meta = json.dumps({"url": "http://x/1.jpg"}).encode()
+    rows, _ = ingest(make_tar([("k.jpg", jpeg_bytes()), ("k.txt", CAPTION), ("k.json", meta)]), langid)
+    assert rows["k"]["text_sha256"] == hashlib.sha256(CAPTION).hexdigest()
+    assert rows["k"]["json_sha256"] == hashlib.sha256(meta).hexdigest()

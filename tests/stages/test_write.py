@@ -1,3 +1,4 @@
+import gzip
 import hashlib
 import io
 import stat
@@ -5,7 +6,7 @@ import tarfile
 
 import pytest
 
-from pipeline.stages.write import WriteError, balanced_sizes, plan_slices, uid_digest, write_shard
+from pipeline.stages.write import WriteError, balanced_sizes, plan_slices, published_ext, uid_digest, write_shard
 from tests.helpers import jpeg_bytes, make_tar
 
 
@@ -70,7 +71,9 @@ def _source(tmp_path):
     with tarfile.open(path) as archive:
         infos = {m.name: m for m in archive.getmembers()}
     sample = {
-        "uid": "ab" * 16, "source": str(path), "image_ext": "jpg", "sha256": hashlib.sha256(image).hexdigest(),
+        "uid": "ab" * 16, "source": str(path), "image_ext": "jpg", "image_format": "JPEG",
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "text_sha256": hashlib.sha256(b"a caption here").hexdigest(), "json_sha256": hashlib.sha256(b'{"a": 1}').hexdigest(),
         **{f"{kind}_offset": infos[f"k.{ext}"].offset_data for kind, ext in [("image", "jpg"), ("text", "txt"), ("json", "json")]},
         **{f"{kind}_size": infos[f"k.{ext}"].size for kind, ext in [("image", "jpg"), ("text", "txt"), ("json", "json")]},
     }
@@ -97,6 +100,43 @@ def test_write_shard_refuses_a_source_that_changed(tmp_path):
     assert not out.exists() and not list(out.parent.iterdir())
 
 
+@pytest.mark.parametrize("kind", ["text", "json"])
+def test_write_shard_refuses_a_caption_or_json_that_changed(tmp_path, kind):
+    sample, _ = _source(tmp_path)
+    source = tmp_path / "src.tar"
+    data = bytearray(source.read_bytes())
+    data[sample[f"{kind}_offset"]] ^= 0x20  # same size, one byte of another case
+    source.write_bytes(bytes(data))
+    out = tmp_path / "out" / "00000000.tar"
+    with pytest.raises(WriteError, match=f"sample {'ab' * 16}: {kind} bytes differ from those ingested"):
+        write_shard({"shard": 0, "samples": [sample]}, str(out), 1 << 16)
+    assert not out.exists()
+
+
+def test_an_image_is_published_under_the_extension_of_its_format(tmp_path):
+    sample, _ = _source(tmp_path)
+    assert published_ext(sample) == "jpg"
+    assert published_ext({**sample, "image_ext": "jpeg"}) == "jpeg"  # another name for the same format stays
+    assert published_ext({**sample, "image_format": "PNG"}) == "png"
+    assert published_ext({**sample, "image_format": "MPO"}) == "jpg"  # a format without an extension of its own
+    out = tmp_path / "out" / "00000000.tar"
+    write_shard({"shard": 0, "samples": [{**sample, "image_format": "PNG"}]}, str(out), 1 << 16)
+    with tarfile.open(out) as archive:
+        assert archive.getnames()[0] == f"{'ab' * 16}.png"
+
+
+def test_members_of_a_gzip_shard_are_fetched_by_their_uncompressed_offsets(tmp_path):
+    sample, image = _source(tmp_path)
+    plain = tmp_path / "src.tar"
+    packed = tmp_path / "src.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+    out = tmp_path / "out" / "00000000.tar"
+    write_shard({"shard": 0, "samples": [{**sample, "source": str(packed)}]}, str(out), 1 << 16)
+    with tarfile.open(out) as archive:
+        assert archive.extractfile(f"{'ab' * 16}.jpg").read() == image
+        assert archive.extractfile(f"{'ab' * 16}.txt").read() == b"a caption here"
+
+
 def test_written_shard_has_the_mode_of_an_ordinary_file(tmp_path, umask_022):
     sample, _ = _source(tmp_path)
     out = tmp_path / "out" / "00000000.tar"
@@ -113,6 +153,7 @@ def _metadata_file(path, partition, kept):
     table = pa.table({
         "uid": [f"{partition:016x}{row:016x}" for row in rows], "partition": [partition] * len(rows), "row": rows,
         "kept": [kept[row] for row in rows], "sha256": ["0" * 64] * len(rows), "image_ext": ["jpg"] * len(rows),
+        "image_format": ["JPEG"] * len(rows), "text_sha256": ["1" * 64] * len(rows), "json_sha256": ["2" * 64] * len(rows),
         **{f"{kind}_{field}": rows for kind in ("image", "text", "json") for field in ("offset", "size")},
     })
     pq.write_table(table, path)
