@@ -333,6 +333,12 @@ class CurateConfig(Section):
         "(pool/{00000000..00000099}.tar), or a list of these; any fsspec URL.",
     )
     output: str = Field(..., description="The run's output URL (local path, s3://, gs://, ...).")
+    output_lease_s: float = Field(
+        120.0, ge=5,
+        description="A run holds a lease on its output (OUTPUT/lease.json: run id, host, pid), renewed every quarter "
+        "of this many seconds; a second run into the same output refuses to start while the lease is fresh, and takes "
+        "over, with a warning, a lease not renewed for this long or whose process on the same host is gone.",
+    )
     reference: str | None = Field(
         None,
         description="An earlier run's output to top up (a scheduled incremental run): only shards it (and the runs "

@@ -27,6 +27,7 @@ from pipeline import __version__
 from pipeline.config import CurateConfig, UserError, one_line, storage_error
 from pipeline.io import fs
 from pipeline.io.catalog import connect as connect_catalog
+from pipeline.io.lease import OutputLease, hold_output
 from pipeline.io.manifest import Manifest, StageRecord, package_versions
 from pipeline.io.reference import Reference
 from pipeline.ray_adapter import connect as connect_ray
@@ -81,14 +82,15 @@ class Checked:
 def run_pipeline(config: CurateConfig) -> RunSummary:
     """Check what needs no cluster first, so that a mistake fails in seconds, then run on Ray."""
     checked = check_before_ray(config)
-    started_ray = connect_ray(config.ray.address, config.ray.num_cpus)
-    try:
-        return _run(config, checked)
-    finally:
-        if started_ray:
-            import ray
+    with hold_output(config.output, config.output_lease_s) as lease:
+        started_ray = connect_ray(config.ray.address, config.ray.num_cpus)
+        try:
+            return _run(config, checked, lease)
+        finally:
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
 
 
 def check_before_ray(config: CurateConfig) -> Checked:
@@ -140,7 +142,7 @@ def _reading(key: str, url):
         raise error from exc
 
 
-def _run(config: CurateConfig, checked: Checked) -> RunSummary:
+def _run(config: CurateConfig, checked: Checked, lease: OutputLease) -> RunSummary:
     paths = RunPaths(config.output)
     reference, seen, partitions = checked.reference, checked.seen, checked.partitions
     log.info("input: %d shards from %s%s; output: %s", len(partitions), config.input,
@@ -159,6 +161,7 @@ def _run(config: CurateConfig, checked: Checked) -> RunSummary:
     fingerprints: dict[str, str] = {}  # what each stage hands on to the stages that read it
     reran: set[str] = set()
     for step in plan(config):
+        lease.check()  # a run whose output another run took over writes nothing more
         inputs = _stage_inputs(step, config, fingerprints, partitions, reference)
         fp = fingerprint({"stage": step.name, **inputs})
         record = manifest.stage(step.name)
@@ -205,6 +208,7 @@ def _run(config: CurateConfig, checked: Checked) -> RunSummary:
         reran.add(step.name)
         fingerprints[step.name] = _handed_on(step, fp, record, partitions)
         log.info("%s: %d in, %d out, %.1fs", step.name, record.samples_in, record.samples_out, record.seconds)
+    lease.check()
     summary = check_invariant(paths, manifest)
     manifest.data["counts"] = {"input": summary.samples, "kept": summary.kept, "dropped": summary.dropped}
     manifest.save()
