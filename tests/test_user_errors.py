@@ -119,7 +119,7 @@ def test_usage_errors_are_one_line_too():
 
 @pytest.mark.parametrize("make_input, problem", [
     (lambda tmp: tmp / "no_such_dir", "does not exist"),
-    (lambda tmp: tmp / "pool", "matches no .tar shards"),  # a directory without any .tar
+    (lambda tmp: tmp / "pool", "matches no .tar, .tar.gz or .tgz shards"),  # a directory without any shard
 ])
 def test_an_input_without_shards_is_named(job, tmp_path, make_input, problem):
     pool = make_input(tmp_path)

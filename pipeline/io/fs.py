@@ -40,7 +40,7 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
 
     found = resolve_files(spec, SHARD_SUFFIXES, what="input")
     if not found:
-        raise FileNotFoundError(f"input {spec!r} matches no .tar shards (nor .tar.gz, .tgz)")
+        raise FileNotFoundError(f"input {spec!r} matches no .tar, .tar.gz or .tgz shards")
     return found
 
 
