@@ -95,6 +95,10 @@ class RayConfig(Section):
     )
 
 
+# The image members WebDataset readers (open_clip's trainer among them) take, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
 class IngestConfig(Section):
     max_image_pixels: int = Field(
         89_478_485,
@@ -107,7 +111,7 @@ class IngestConfig(Section):
         64 * 2**20, ge=1, description="Tar members larger than this are not read (oversize_member)."
     )
     image_extensions: list[str] = Field(
-        ["jpg", "jpeg", "png", "webp"],
+        list(IMAGE_EXTENSIONS),
         min_length=1,
         description="Member extensions taken as the sample's image, in order of preference.",
     )

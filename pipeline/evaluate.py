@@ -58,6 +58,8 @@ import time
 
 import numpy as np
 
+from pipeline.config import IMAGE_EXTENSIONS
+
 log = logging.getLogger("curate")
 
 RANDOM_ARM = "random"
@@ -85,7 +87,6 @@ TEMPLATES = (
     "a flat graphic of a {}.",
 )
 METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_COLUMNS = ["uid", "drop_reason", "partition", "sha256", "image_ext", "image_offset", "image_size",
                  "text_offset", "text_size", "json_offset", "json_size"]
 

@@ -43,9 +43,10 @@ import tempfile
 import threading
 import time
 
+from pipeline.config import IMAGE_EXTENSIONS
+
 log = logging.getLogger("curate")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what open_clip's trainer takes as the image
 # URL schemes webdataset's gopen opens by itself; other fsspec URLs are streamed through `pipe:`.
 _WDS_SCHEMES = ("http://", "https://", "gs://", "pipe:", "file://")
 # webdataset's key rule (base_plus_ext): the path up to the first dot of the basename.

@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.io.shards import fetch_members
+from pipeline.reasons import NO_TEXT, NOT_EMBEDDED
 
 if TYPE_CHECKING:
     from pipeline import models
@@ -43,12 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("curate")
 
 NAME = "embed"
-# Ingest drops whose image is unusable or absent: these rows are not embedded at all.
-NOT_EMBEDDED = frozenset(
-    {"download_failed", "unsafe_member", "truncated", "oversize_member", "missing_image", "image_too_large", "corrupt_image"}
-)
-# Ingest drops with a usable image but no usable caption: image embedding only, no text, no scores.
-NO_TEXT = frozenset({"missing_caption", "undecodable_caption"})
 INGEST_COLUMNS = ["uid", "drop_reason", "caption", "image_offset", "image_size"]
 # Fields that change how fast, not what: left out of the resume fingerprint.
 _PERFORMANCE_FIELDS = {"actors", "cpus_per_actor", "decode_workers", "decode_cpus", "prefetch"}

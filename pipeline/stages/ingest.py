@@ -30,13 +30,12 @@ from pipeline.algorithms.basic_filter import basic_filter_reasons
 from pipeline.config import CurateConfig
 from pipeline.io.compression import open_tar_stream, shard_stem
 from pipeline.io.tar import TarMember, TarReader, stream_size
+from pipeline.reasons import INGEST_ORDER
 from pipeline.schema import INGEST_COLUMNS, INGEST_SCHEMA
 
 log = logging.getLogger("curate")
 _HEX_UID = re.compile(r"[0-9a-fA-F]{32}")  # used with fullmatch: "$" would also accept a trailing newline
 _OBJECT_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-# Precedence among ingest problems when a sample has several (pipeline.reasons order).
-_INGEST_ORDER = ("unsafe_member", "truncated", "oversize_member", "duplicate_key")
 
 
 class LanguageIdentifier:
@@ -286,7 +285,7 @@ def _sample_row(sample: _Sample, shard: str, partition: int, image_exts: list[st
 
     # Ingest reasons in pipeline.reasons order; the first that applies wins.
     reason = detail = None
-    problems = sorted(sample.problems, key=lambda p: _INGEST_ORDER.index(p[0]))
+    problems = sorted(sample.problems, key=lambda p: INGEST_ORDER.index(p[0]))
     if problems:
         reason, detail = problems[0]
     elif image is None:

@@ -29,18 +29,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.io import fs
-from pipeline.reasons import DEDUP_REASONS, DROP_REASONS, REASON_NAMES
+from pipeline.config import IngestConfig
+from pipeline.reasons import DEDUP_REASONS, DROP_REASONS, NOT_DECODED, REASON_NAMES
 
 log = logging.getLogger("curate")
 NAME = "report"
 
-# Reasons whose image bytes are not decoded, not even for a thumbnail (design: never decode them).
-NOT_DECODED = frozenset({"image_too_large", "unsafe_member", "oversize_member", "truncated", "missing_image", "download_failed"})
 MEANING = {r.name: r.meaning for r in DROP_REASONS}
 STEP = {r.name: r.step for r in DROP_REASONS}
 STEP_COLOURS = {"ingest": "#7f7f7f", "basic_filter": "#e6a23c", "dedup": "#9467bd", "select": "#1f77b4", "other": "#d62728"}
 KEPT_COLOUR = "#2ca02c"
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = IngestConfig.model_fields["max_image_pixels"].default  # a run's config may lack it
 CAPTION_CHARS = 240
 PAIRS_PER_KIND = 4
 HISTOGRAM_BINS = 40
