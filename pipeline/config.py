@@ -330,6 +330,10 @@ class WriteConfig(Section):
     )
 
 
+# `reference: latest:ROOT` names the runs root whose latest successful run is the reference (pipeline.io.reference).
+LATEST_PREFIX = "latest:"
+
+
 class CurateConfig(Section):
     input: str | list[str] = Field(
         ...,
@@ -347,7 +351,10 @@ class CurateConfig(Section):
         None,
         description="An earlier run's output to top up (a scheduled incremental run): only shards it (and the runs "
         "it referenced) never saw are processed, new samples are deduplicated against everything those runs kept, "
-        "and DBP adds to their clusters with their centroids.",
+        "and DBP adds to their clusters with their centroids. 'latest:ROOT' (latest:s3://BUCKET/runs): at start, "
+        "the latest successful run directly under ROOT (its manifest.json has final counts; of the runs no other "
+        "run there builds on, the last to finish, ties by URL), never this run's own output; the manifest records "
+        "the run chosen. No successful run under ROOT yet: the whole input is processed (the first day).",
     )
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
@@ -364,6 +371,13 @@ class CurateConfig(Section):
     def _input_not_empty(cls, value):
         if not value:
             raise ValueError("must name at least one shard, directory or pattern")
+        return value
+
+    @field_validator("reference")
+    @classmethod
+    def _latest_names_a_root(cls, value):
+        if value is not None and value.startswith(LATEST_PREFIX) and not value[len(LATEST_PREFIX):].strip("/"):
+            raise ValueError(f"{LATEST_PREFIX} needs the folder the runs are published under ({LATEST_PREFIX}s3://BUCKET/runs)")
         return value
 
     @model_validator(mode="after")
@@ -393,7 +407,11 @@ class CurateConfig(Section):
             if how:
                 raise ValueError(f"output {self.output} and input {given} overlap ({how}): "
                                  "a run must not write where it reads")
-        if self.reference is not None and _location(self.reference) == output:
+        if self.reference is not None and self.reference.startswith(LATEST_PREFIX):
+            if _location(self.reference[len(LATEST_PREFIX):]) == output:
+                raise ValueError("reference latest:ROOT: ROOT holds the runs, one folder each; the output must be one "
+                                 "of those folders, not ROOT itself")
+        elif self.reference is not None and _location(self.reference) == output:
             raise ValueError("reference must be an earlier run, not this run's output")
         return self
 

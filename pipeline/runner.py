@@ -29,7 +29,7 @@ from pipeline.io import fs
 from pipeline.io.catalog import connect as connect_catalog
 from pipeline.io.lease import OutputLease, hold_output
 from pipeline.io.manifest import Manifest, StageRecord, package_versions
-from pipeline.io.reference import Reference
+from pipeline.io.reference import Reference, resolve as resolve_reference
 from pipeline.ray_adapter import connect as connect_ray
 from pipeline.reasons import REASON_NAMES
 from pipeline.run import Partition, RunContext, RunPaths, discover_partitions, fingerprint
@@ -105,7 +105,7 @@ def check_before_ray(config: CurateConfig) -> Checked:
         except select.SelectError as exc:
             raise UserError(one_line(str(exc))) from exc
     with _reading("reference", config.reference):
-        reference = Reference.load(config.reference) if config.reference else None
+        reference = resolve_reference(config.reference, config.output)  # latest:ROOT finds its run here
     seen = reference.seen_shards() if reference else set()
     with _reading("input", config.input):
         partitions = discover_partitions(config, seen)
@@ -146,16 +146,17 @@ def _run(config: CurateConfig, checked: Checked, lease: OutputLease) -> RunSumma
     paths = RunPaths(config.output)
     reference, seen, partitions = checked.reference, checked.seen, checked.partitions
     log.info("input: %d shards from %s%s; output: %s", len(partitions), config.input,
-             f" ({len(seen)} already processed by {config.reference})" if reference else "", paths.root)
+             f" ({len(seen)} already processed by {reference.url})" if reference else "", paths.root)
     manifest = Manifest.load(paths.manifest)
     manifest.data.update(
         curate_version=__version__,
         config=config.model_dump(mode="json"),
         packages=package_versions(),
         input={"shards": [{"partition": p.index, "url": p.url, "name": p.name} for p in partitions]},
-        reference=config.reference,
+        reference=reference.url if reference else None,  # the run topped up, as Reference.load follows it
     )
     manifest.data.setdefault("stages", {})
+    manifest.data.pop("counts", None)  # final counts mark a finished run (Reference.load, latest:); set again at the end
     if not partitions:
         return _nothing_new(paths, manifest)
     fingerprints: dict[str, str] = {}  # what each stage hands on to the stages that read it

@@ -1,15 +1,21 @@
 """Scheduled incremental runs: day 2 processes only new shards, deduplicates them against what day 1
-published, and tops up day 1's DBP clusters; day 3 with nothing new is a valid empty run."""
+published, and tops up day 1's DBP clusters; day 3 with nothing new is a valid empty run. With
+`reference=latest:ROOT` a run finds its reference itself: the latest successful run under ROOT, so a
+failed or missing day is skipped."""
 
 import io
 import json
 import shutil
+
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.config import ConfigError, load_config
+from pipeline.io.reference import Reference, latest_run, published_runs, resolve
 from pipeline.runner import run_pipeline
 from tests.helpers import make_tar, read_metadata, run_config
 
@@ -144,3 +150,113 @@ def test_semantic_dedup_against_the_reference(tmp_path):
     caught = [u for u in sources if meta.loc[u, "drop_reason"] == "semantic_duplicate"]
     assert len(caught) >= 5
     assert all(meta.loc[u, "duplicate_of"] == sources[u] for u in caught)
+
+
+# -- reference=latest:ROOT ------------------------------------------------------------------------------
+
+
+def test_latest_skips_a_failed_and_a_missing_day(tmp_path):
+    """Day 1 (the first day: nothing under the root yet) runs in full; day 2 failed (its manifest has no
+    final counts) and day 3 never ran (an empty folder); day 4 tops up day 1, processing every shard
+    day 1 did not see, and its manifest names day 1 so that the chain stays followable."""
+    from pipeline.synth import synthesize
+
+    pool, runs = tmp_path / "pool", tmp_path / "runs"
+    synthesize(str(pool), samples=100, seed=51, shard_size=100)
+    latest = f"latest:{runs}"
+    day1 = runs / "2026-03-01"
+    first = run_pipeline(run_config(pool, day1, reference=latest))
+    assert json.loads((day1 / "manifest.json").read_text())["reference"] is None
+    assert first.samples == 100
+
+    # day 2 got as far as writing its manifest, then failed
+    synthesize(str(tmp_path / "fresh"), samples=100, seed=52, shard_size=100)
+    shutil.copy(tmp_path / "fresh" / "00000000.tar", pool / "00000100.tar")
+    failed = json.loads((day1 / "manifest.json").read_text())
+    del failed["counts"]
+    failed["updated_at"] = "2999-01-01T00:00:00Z"  # later than any real run
+    (runs / "2026-03-02").mkdir()
+    (runs / "2026-03-02" / "manifest.json").write_text(json.dumps(failed))
+    (runs / "2026-03-03").mkdir()  # never ran
+
+    day4 = runs / "2026-03-04"
+    summary = run_pipeline(run_config(pool, day4, reference=latest))
+    manifest = json.loads((day4 / "manifest.json").read_text())
+    assert manifest["reference"] == str(day1)
+    assert manifest["config"]["reference"] == latest
+    assert [s["name"] for s in manifest["input"]["shards"]] == ["00000100.tar"]
+    assert summary.samples == 100
+    assert [url for url, _ in Reference.load(manifest["reference"]).runs] == [str(day1)]
+
+    # the same day again: its own output is no candidate, so it finds day 1 again and every stage is skipped
+    again = run_pipeline(run_config(pool, day4, reference=latest))
+    manifest = json.loads((day4 / "manifest.json").read_text())
+    assert manifest["reference"] == str(day1)
+    assert all(stage["skipped"] for stage in manifest["stages"].values())
+    assert (again.samples, again.kept) == (summary.samples, summary.kept)
+    # the next day builds on day 4, whose chain holds day 1
+    chosen = latest_run(str(runs), str(runs / "2026-03-05"))
+    assert chosen.url == str(day4)
+    assert [url for url, _ in Reference.load(chosen.url).runs] == [str(day4), str(day1)]
+
+
+def _published(root, name, finished, reference=None, counts=True):
+    """A run folder whose manifest holds what reference discovery reads."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    manifest = {"stages": {}, "input": {"shards": []}, "reference": reference, "updated_at": finished}
+    if counts:
+        manifest["counts"] = {"input": 0, "kept": 0, "dropped": {}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_published_runs_are_ordered_by_finish_time_then_name(tmp_path):
+    root = tmp_path / "runs"
+    b = _published(root, "b", "2026-03-02T02:00:00Z")
+    a = _published(root, "a", "2026-03-02T02:00:00Z")  # same second: the name decides
+    c = _published(root, "c", "2026-03-01T05:00:00Z")
+    _published(root, "d", "2026-03-03T02:00:00Z", counts=False)  # failed
+    (root / "e").mkdir()  # no manifest
+    (root / "f").mkdir()
+    (root / "f" / "manifest.json").write_text("{not json")  # not a run that finished
+    (root / "notes.txt").write_text("a file beside the runs")
+    assert [run.url for run in published_runs(str(root))] == [c, a, b]
+    assert latest_run(str(root), str(root / "next")).url == b
+
+
+def test_latest_leaves_out_the_runs_own_output_and_the_runs_built_on_it(tmp_path):
+    root = tmp_path / "runs"
+    day1 = _published(root, "day1", "2026-03-01T03:00:00Z")
+    day2 = _published(root, "day2", "2026-03-02T03:00:00Z", reference=day1)
+    _published(root, "day3", "2026-03-03T03:00:00Z", reference=day2)
+    assert latest_run(str(root), str(root / "day4")).url == str(root / "day3")
+    assert latest_run(str(root), str(root / "day3")).url == day2  # a rerun of day 3 tops up what it did before
+    assert latest_run(str(root), str(root / "day2")).url == day1  # day 3 builds on day 2: no candidate either
+
+
+def test_latest_takes_the_end_of_the_chain_when_an_old_day_was_rerun_later(tmp_path):
+    """Day 1 rerun after day 2 finished refreshes day 1's manifest time; day 2, which builds on it, is
+    still the run to top up (taking day 1 would leave day 2's samples out of the chain)."""
+    root = tmp_path / "runs"
+    day1 = _published(root, "day1", "2026-03-05T03:00:00Z")
+    day2 = _published(root, "day2", "2026-03-02T03:00:00Z", reference=day1)
+    assert latest_run(str(root), str(root / "day3")).url == day2
+
+
+def test_latest_with_no_successful_run_processes_the_whole_input(tmp_path, caplog):
+    root = tmp_path / "runs"
+    assert resolve(f"latest:{root}", str(root / "day1")) is None  # no root yet: the first day
+    _published(root, "day1", "2026-03-01T03:00:00Z", counts=False)
+    with caplog.at_level(logging.WARNING, logger="curate"):
+        assert resolve(f"latest:{root}", str(root / "day2")) is None
+    assert f"no successful run under {root} yet; this run processes its whole input" in caplog.text
+
+
+def test_latest_needs_a_root_that_is_not_the_output(tmp_path):
+    base = {"input": str(tmp_path / "pool"), "output": str(tmp_path / "runs" / "day1")}
+    with pytest.raises(ConfigError, match="latest: needs the folder the runs are published under"):
+        load_config(None, [], base={**base, "reference": "latest:"})
+    with pytest.raises(ConfigError, match="the output must be one of those folders, not ROOT itself"):
+        load_config(None, [f"reference=latest:{tmp_path / 'runs' / 'day1'}"], base=base)
+    assert load_config(None, [f"reference=latest:{tmp_path / 'runs'}"], base=base).reference == f"latest:{tmp_path / 'runs'}"

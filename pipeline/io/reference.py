@@ -2,19 +2,26 @@
 
 Day 2 references day 1, day 3 references day 2: the samples already published are the kept
 samples of the whole chain, and the shards already seen are the inputs of the whole chain.
+
+A scheduled run names no fixed day: `reference=latest:ROOT` finds, at run start, the latest
+successful run directly under ROOT (`latest_run`), so a day that failed or never ran is skipped
+instead of breaking every later day.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import UserError
+from pipeline.config import LATEST_PREFIX, UserError, _location, storage_error
 from pipeline.io import fs
 from pipeline.io.parquet import read_table
+
+log = logging.getLogger("curate")
 
 
 class ReferenceRunError(UserError, ValueError):
@@ -90,6 +97,90 @@ class Reference:
             table = read_table(part.metadata, list(dict.fromkeys(["kept", *columns])))
             tables.append(table.filter(table.column("kept")).select(columns))
         return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A successful run found under a runs root: its URL, when its manifest was last saved, what it topped up."""
+
+    url: str
+    finished: str  # the manifest's updated_at (UTC, ISO 8601: sorts as text)
+    reference: str | None
+
+
+def published_runs(root: str) -> list[PublishedRun]:
+    """The runs directly under `root` whose manifest.json holds final `counts`, oldest first.
+
+    Ordered by finish time, then URL, so the same root always gives the same order. A folder
+    without a manifest (a day that never ran), or whose manifest has no counts (a run that failed
+    or is still running), is not a run that can be topped up and is left out.
+    """
+    found = []
+    for entry in fs.list_files(root):
+        url = entry.rstrip("/")
+        manifest_url = fs.join(url, "manifest.json")
+        try:
+            manifest = json.loads(fs.read_bytes(manifest_url))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue
+        except ValueError as exc:  # not JSON: not a run that finished
+            log.warning("reference: %s is not valid JSON (%s); not a candidate", manifest_url, exc)
+            continue
+        if isinstance(manifest, dict) and "counts" in manifest:
+            found.append(PublishedRun(url, str(manifest.get("updated_at") or ""), manifest.get("reference")))
+    return sorted(found, key=lambda run: (run.finished, run.url))
+
+
+def latest_run(root: str, output: str) -> PublishedRun | None:
+    """The run a new run at `output` tops up: the latest published run under `root` that builds on no
+    later one; None when there is none.
+
+    Left out: the run at `output` itself (a rerun of the same day) and every run whose reference chain
+    passes through it (they came after it). Of the rest, a run that another of them references is
+    already part of that one's chain, so only the ends of chains are candidates: a later rerun of an
+    old day (which refreshes its manifest's time) cannot cut the days after it out of the chain. Of
+    the ends, the last to finish (ties: the larger URL).
+    """
+    runs = published_runs(root)
+    where = {_location(run.url): run for run in runs}
+    own = _location(output)
+
+    def through_own(run: PublishedRun) -> bool:
+        seen = set()
+        while run is not None and _location(run.url) not in seen:
+            if _location(run.url) == own:
+                return True
+            seen.add(_location(run.url))
+            run = where.get(_location(run.reference)) if run.reference else None
+        return False
+
+    candidates = [run for run in runs if not through_own(run)]
+    referenced = {_location(run.reference) for run in candidates if run.reference}
+    ends = [run for run in candidates if _location(run.url) not in referenced]
+    return ends[-1] if ends else None
+
+
+def resolve(reference: str | None, output: str) -> Reference | None:
+    """The reference chain a run at `output` tops up: `reference` as given, or for `latest:ROOT` the
+    run `latest_run` finds (logged); None when there is no reference, or `latest:` finds no run yet
+    (the first day: the run processes its whole input)."""
+    if reference is None:
+        return None
+    if not reference.startswith(LATEST_PREFIX):
+        return Reference.load(reference)
+    root = reference[len(LATEST_PREFIX):]
+    try:
+        chosen = latest_run(root, output)
+    except Exception as exc:  # no credentials, unreachable: a UserError naming the root
+        error = storage_error("reference", root, exc)
+        if error is None:
+            raise
+        raise error from exc
+    if chosen is None:
+        log.warning("reference %s: no successful run under %s yet; this run processes its whole input", reference, root)
+        return None
+    log.info("reference %s: %s (finished %s)", reference, chosen.url, chosen.finished or "at an unrecorded time")
+    return Reference.load(chosen.url)
 
 
 
