@@ -463,8 +463,8 @@ def _expand(entrypoint: str) -> list[str]:
     return result.stdout.split("\0")[:-1]
 
 
-@pytest.mark.parametrize("where,entrypoint", ENTRYPOINTS, ids=_ids(ENTRYPOINTS))
-def test_entrypoint_job_file_exists_and_validates(where, entrypoint):
+def _parsed(where: str, entrypoint: str):
+    """(job file, overrides as a dict, validated config) of a `python pipeline/curate.py` entrypoint."""
     from pipeline.config import load_config
 
     argv = _expand(entrypoint)
@@ -477,16 +477,56 @@ def test_entrypoint_job_file_exists_and_validates(where, entrypoint):
     overrides = rest[:at] + rest[at + 2:]
     assert config_path.startswith("jobs/") and (ROOT / config_path).is_file(), f"{where}: {config_path} not in jobs/"
     assert all("=" in o for o in overrides), f"{where}: {overrides}"
-    config = load_config(str(ROOT / config_path), overrides)
-    values = dict(o.split("=", 1) for o in overrides)
-    if "reference" in values or "$(" in entrypoint:
-        # an incremental daily run: today's output, yesterday's as its reference
+    return config_path, dict(o.split("=", 1) for o in overrides), load_config(str(ROOT / config_path), overrides)
+
+
+def _is_daily(values: dict, entrypoint: str) -> bool:
+    return "reference" in values or "$(" in entrypoint
+
+
+@pytest.mark.parametrize("where,entrypoint", ENTRYPOINTS, ids=_ids(ENTRYPOINTS))
+def test_entrypoint_job_file_exists_and_validates(where, entrypoint):
+    _, values, config = _parsed(where, entrypoint)
+    if _is_daily(values, entrypoint):
+        # a daily incremental run: today's output, directly under the root whose latest successful run
+        # it tops up (found at run start), never a fixed previous day that may have failed
         today = dt.datetime.now(dt.timezone.utc).date()
         assert values["output"].endswith(today.isoformat()), values["output"]
-        assert values["reference"].endswith((today - dt.timedelta(days=1)).isoformat()), values["reference"]
+        root = values["output"].rsplit("/", 1)[0]
+        assert values["reference"] == f"latest:{root}", f"{where}: reference {values['reference']}"
+        assert "yesterday" not in entrypoint and "-d " not in entrypoint, f"{where}: a date computed from another day"
         assert config.reference == values["reference"]
     if "[" in where or "RayJob" in where or "RayCronJob" in where:
         assert str(config.output).startswith("s3://"), f"{where}: a cluster run needs an output every node can reach"
+
+
+SCHEDULED = [(w, e) for w, e in ENTRYPOINTS if "RayCronJob" in w or "ConfigMap" in w]
+
+
+def test_scheduled_runs_run_the_production_recipe_as_it_is():
+    """Both schedulers run jobs/datacomp_dfn.yaml with only the day's input, output and reference set:
+    the models and the settings are the job file's (not the demo's, nor overrides of it)."""
+    assert len(SCHEDULED) == 2, SCHEDULED
+    for where, entrypoint in SCHEDULED:
+        config_path, values, config = _parsed(where, entrypoint)
+        assert config_path == "jobs/datacomp_dfn.yaml", where
+        assert set(values) == {"input", "output", "reference"}, f"{where}: {sorted(values)}"
+        assert config.embed.pretrained is not None and config.dfn.pretrained is not None
+
+
+def test_no_other_run_writes_under_the_daily_runs_root():
+    """Any finished run under the root that `latest:` lists can become the next day's reference: manual
+    runs (rayjob.yaml, the README's examples) write elsewhere."""
+    roots, others = set(), []
+    for where, entrypoint in ENTRYPOINTS:
+        _, values, _ = _parsed(where, entrypoint)
+        if _is_daily(values, entrypoint):
+            roots.add(values["reference"].removeprefix("latest:"))
+        else:
+            others.append((where, values["output"]))
+    assert roots and others
+    for where, output in others:
+        assert not any(output.startswith(root.rstrip("/") + "/") for root in roots), f"{where}: {output} is under {roots}"
 
 
 # ---------------------------------------------------------------------------------------------------
