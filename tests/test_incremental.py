@@ -260,3 +260,42 @@ def test_latest_needs_a_root_that_is_not_the_output(tmp_path):
     with pytest.raises(ConfigError, match="the output must be one of those folders, not ROOT itself"):
         load_config(None, [f"reference=latest:{tmp_path / 'runs' / 'day1'}"], base=base)
     assert load_config(None, [f"reference=latest:{tmp_path / 'runs'}"], base=base).reference == f"latest:{tmp_path / 'runs'}"
+
+
+def test_latest_finds_the_run_on_an_object_store(monkeypatch):
+    """The same discovery through fsspec against a real S3-compatible server (moto on loopback)."""
+    import sys
+
+    import s3fs
+
+    from pipeline.io import fs
+    from tests.helpers import free_port, start_loopback_server
+
+    port = free_port()
+    server = start_loopback_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   port, "moto server")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        s3fs.S3FileSystem().mkdir("curate-runs")
+        root = "s3://curate-runs/runs"
+
+        def publish(name, finished, reference=None, counts=True):
+            manifest = {"stages": {}, "input": {"shards": []}, "reference": reference, "updated_at": finished}
+            if counts:
+                manifest["counts"] = {"input": 0, "kept": 0, "dropped": {}}
+            fs.write_bytes_atomic(f"{root}/{name}/manifest.json", json.dumps(manifest).encode())
+
+        publish("2026-03-01", "2026-03-01T03:00:00Z")
+        publish("2026-03-02", "2026-03-02T03:00:00Z", counts=False)  # failed
+        fs.write_bytes_atomic(f"{root}/2026-03-03/shards/sizes.json", b"{}\n")  # stopped before its manifest
+        assert [run.url for run in published_runs(root)] == [f"{root}/2026-03-01"]
+        assert latest_run(root, f"{root}/2026-03-04").url == f"{root}/2026-03-01"
+        assert latest_run(root, f"{root}/2026-03-01/") is None  # its own output, spelt with a slash
+        assert latest_run("s3://curate-runs/nothing-yet", f"{root}/2026-03-04") is None
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.kill()
+        server.wait()
