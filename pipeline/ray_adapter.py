@@ -14,6 +14,8 @@ import contextlib
 import itertools
 import logging
 import os
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
@@ -147,6 +149,61 @@ def _capacity(num_cpus: float, num_gpus: float, wanted: int) -> int:
     return capacity if capacity >= 1 else wanted
 
 
+class ItemTimeoutError(RuntimeError):
+    """A work item ran longer than its wall-clock bound twice, the second time in a fresh worker."""
+
+
+def _describe(item) -> str:
+    """A work item as a timeout names it: its partition and the shard (or file) it reads, where it has them."""
+    if not isinstance(item, dict):
+        return "a work item"
+    where = next((str(item[key]) for key in ("url", "source", "shard") if item.get(key)), None)
+    partition = item.get("partition")
+    if partition is not None:
+        return f"partition {partition} ({where})" if where else f"partition {partition}"
+    return where or "a work item"
+
+
+class _Deadlines:
+    """The wall-clock bound of one loop's running calls (None: no bound).
+
+    Says how long ray.wait may block (until the earliest deadline) and which calls ran out of time;
+    the first time an item does it logs the retry, the second time it raises ItemTimeoutError.
+    """
+
+    def __init__(self, timeout_s: float | None):
+        self.timeout_s = timeout_s
+        self.due: dict = {}  # call ref -> time.monotonic() by which it must finish
+
+    def start(self, ref) -> None:
+        if self.timeout_s is not None:
+            self.due[ref] = time.monotonic() + self.timeout_s
+
+    def forget(self, ref) -> None:
+        self.due.pop(ref, None)
+
+    def wait_s(self) -> float | None:
+        """The timeout for ray.wait: until the earliest deadline, or None (no bound, nothing running)."""
+        if not self.due:
+            return None
+        return max(0.0, min(self.due.values()) - time.monotonic())
+
+    def expired(self, ready=()) -> list:
+        """The calls past their deadline, except those in `ready` (finished after all)."""
+        now = time.monotonic()
+        return [ref for ref, due in self.due.items() if due <= now and ref not in ready]
+
+    def ran_out(self, name: str, item, again: bool) -> None:
+        """Log the retry of an item that ran out of time; raise ItemTimeoutError when it did so before."""
+        what = f"{name} on {_describe(item)}"
+        if again:
+            raise ItemTimeoutError(
+                f"{what} ran longer than {self.timeout_s:g} s (ray.item_timeout_s) twice, the second time in a "
+                f"fresh worker: its input may never finish reading (a hung storage read, a pipe), or the bound "
+                f"is too small for it")
+        log.warning("%s ran longer than %g s; retrying it once in a fresh worker", what, self.timeout_s)
+
+
 def map_items(
     worker: type | Callable[[dict], dict],
     items: list[dict],
@@ -156,6 +213,7 @@ def map_items(
     num_gpus: float = 0.0,
     max_workers: int | None = None,
     progress: Progress | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[dict]:
     """Run a worker over work items and yield its results as they finish.
 
@@ -164,7 +222,9 @@ def map_items(
     With `progress`, the worker also gets `progress=`, a Reporter: a plain callback for what it
     finishes inside an item; the driver logs the totals while the items run. Dead actors are
     restarted, and calls and tasks lost with a process are retried; an exception raised by the
-    worker itself ends the run with that exception.
+    worker itself ends the run with that exception. With `timeout_s`, an item still running that
+    long after it was handed to its worker has its worker process killed and runs once more in a
+    fresh one; a second time raises ItemTimeoutError naming the worker and the item.
 
     Work items are whole partitions, so they run on plain actors and tasks rather than as a Ray
     Data dataset, whose blocks would only add conversions of the items and results.
@@ -175,16 +235,19 @@ def map_items(
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus:
         options["num_gpus"] = num_gpus
+    clock = _Deadlines(timeout_s)
     with progress if progress is not None else contextlib.nullcontext():
         reporter = progress.reporter() if progress is not None else None
         if isinstance(worker, type):
-            yield from _on_actors(worker, worker_kwargs or {}, items, size, options, reporter)
+            yield from _on_actors(worker, worker_kwargs or {}, items, size, options, reporter, clock)
         else:
-            yield from _as_tasks(worker, worker_kwargs or {}, items, size, options, reporter)
+            yield from _as_tasks(worker, worker_kwargs or {}, items, size, options, reporter, clock)
 
 
-def _on_actors(worker: type, kwargs: dict, items: list[dict], size: int, options: dict, reporter) -> Iterator[dict]:
-    pool = _Pool(worker, kwargs, size, {**options, "max_restarts": 3, "max_task_retries": 3}, reporter=reporter)
+def _on_actors(worker: type, kwargs: dict, items: list[dict], size: int, options: dict, reporter,
+               clock: _Deadlines) -> Iterator[dict]:
+    pool = _Pool(worker, kwargs, size, {**options, "max_restarts": 3, "max_task_retries": 3}, reporter=reporter,
+                 clock=clock)
     todo = iter(items)
     try:
         for item in todo:
@@ -192,12 +255,15 @@ def _on_actors(worker: type, kwargs: dict, items: list[dict], size: int, options
             if not pool.free(1):
                 break
         while pool.calls:
-            (ref,), _ = ray.wait(list(pool.calls), num_returns=1)
-            pool.done(ref)
+            ready, _ = ray.wait(list(pool.calls), num_returns=1, timeout=clock.wait_s())
+            pool.expire(ready)
+            if not ready:
+                continue
+            pool.done(ready[0])
             item = next(todo, None)
             if item is not None:
                 pool.submit(item)
-            yield _get(ref)
+            yield _get(ready[0])
     finally:
         pool.kill()
 
@@ -212,17 +278,38 @@ def _call_reporting(fn: Callable, item: dict, kwargs: dict, reporter):
         reporter.flush()
 
 
-def _as_tasks(fn: Callable, kwargs: dict, items: list[dict], size: int, options: dict, reporter) -> Iterator[dict]:
-    task = ray.remote(_call_reporting).options(**options, max_retries=3, name=getattr(fn, "__name__", "task"))
+def _as_tasks(fn: Callable, kwargs: dict, items: list[dict], size: int, options: dict, reporter,
+              clock: _Deadlines) -> Iterator[dict]:
+    name = getattr(fn, "__name__", "task")
+    task = ray.remote(_call_reporting).options(**options, max_retries=3, name=name)
+    running: dict = {}  # task ref -> (its item, whether the item ran out of time before)
+
+    def submit(item: dict, again: bool = False) -> None:
+        ref = task.remote(fn, item, kwargs, reporter)
+        running[ref] = (item, again)
+        clock.start(ref)
+
     todo = iter(items)
-    running = [task.remote(fn, item, kwargs, reporter) for item in itertools.islice(todo, size)]
+    for item in itertools.islice(todo, size):
+        submit(item)
     try:
         while running:
-            (ref,), running = ray.wait(running, num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=clock.wait_s())
+            for ref in clock.expired(ready):
+                # A forced cancel kills the task's process, and Ray retries no cancelled task.
+                item, again = running.pop(ref)
+                clock.forget(ref)
+                ray.cancel(ref, force=True)
+                clock.ran_out(name, item, again)
+                submit(item, again=True)
+            if not ready:
+                continue
+            running.pop(ready[0])
+            clock.forget(ready[0])
             item = next(todo, None)
             if item is not None:
-                running.append(task.remote(fn, item, kwargs, reporter))
-            yield _get(ref)
+                submit(item)
+            yield _get(ready[0])
     finally:
         for ref in running:
             ray.cancel(ref)
@@ -286,30 +373,77 @@ class _Bound:
         return self.fn(item, **kwargs)
 
 
-class _Pool:
-    """Actors of one kind and how many calls each has queued; calls go to the least busy."""
+@dataclass
+class _Call:
+    """A call queued at a pool's actor, with what it takes to make it again on a fresh actor."""
 
-    def __init__(self, worker: type, kwargs: dict, size: int, options: dict, reporter: Reporter | None = None):
+    payload: Any
+    item: Any  # the work item it serves, as a timeout names it
+    kwargs: dict
+    actor: int  # the actor's index in the pool
+    again: bool  # its item ran out of time before
+
+
+class _Pool:
+    """Actors of one kind and how many calls each has queued; calls go to the least busy.
+
+    With a bound in `clock`, an actor's oldest call must finish within it (counted from when the
+    call reached the front of that actor's queue); an actor that takes longer is killed and replaced
+    by a fresh one, and its calls are made again there.
+    """
+
+    def __init__(self, worker: type, kwargs: dict, size: int, options: dict, reporter: Reporter | None = None,
+                 clock: _Deadlines | None = None):
         # A subclass named after the worker, so that process titles, `ray list actors` and the
         # dashboard say which worker an actor holds ("IngestWorkerHost"), not just "_Host".
-        host = ray.remote(type(f"{worker.__name__}Host", (_Host,), {}))
-        self.actors = [host.options(**options).remote(worker, kwargs) for _ in range(max(1, size))]
+        self.host = ray.remote(type(f"{worker.__name__}Host", (_Host,), {})).options(**options)
+        self.worker, self.kwargs = worker, kwargs
+        self.name = getattr(kwargs.get("fn"), "__name__", None) if worker is _Bound else worker.__name__
+        self.actors = [self.host.remote(worker, kwargs) for _ in range(max(1, size))]
         self.reporter = reporter
+        self.clock = clock if clock is not None else _Deadlines(None)
         self.load = [0] * len(self.actors)
-        self.calls: dict = {}  # call ref -> actor index
+        self.calls: dict = {}  # call ref -> _Call, in the order they were made
 
     def free(self, depth: int) -> bool:
         return min(self.load) < depth
 
-    def submit(self, payload, **kwargs):
+    def submit(self, payload, *, item=None, again: bool = False, **kwargs):
         index = self.load.index(min(self.load))
         ref = self.actors[index].call.remote(payload, self.reporter, **kwargs)
-        self.calls[ref] = index
+        self.calls[ref] = _Call(payload, payload if item is None else item, kwargs, index, again)
+        if self.load[index] == 0:
+            self.clock.start(ref)  # the front of the actor's queue
         self.load[index] += 1
         return ref
 
-    def done(self, ref) -> None:
-        self.load[self.calls.pop(ref)] -= 1
+    def done(self, ref) -> _Call:
+        call = self.calls.pop(ref)
+        self.clock.forget(ref)
+        self.load[call.actor] -= 1
+        following = next((r for r, c in self.calls.items() if c.actor == call.actor), None)
+        if following is not None and following not in self.clock.due:
+            self.clock.start(following)  # now at the front of the actor's queue
+        return call
+
+    def expire(self, ready=()) -> None:
+        """Replace the actors whose oldest call ran out of time and make their calls again (raises
+        ItemTimeoutError for a call whose item ran out of time before)."""
+        for ref in self.clock.expired(ready):
+            call = self.calls.get(ref)
+            if call is None:
+                continue  # another pool's call, or one lost with an actor replaced just now
+            lost = [(r, c) for r, c in self.calls.items() if c.actor == call.actor]
+            for r, _ in lost:
+                del self.calls[r]
+                self.clock.forget(r)
+            # no_restart: the actor's own restart would retry the calls too (max_task_retries).
+            ray.kill(self.actors[call.actor], no_restart=True)
+            self.clock.ran_out(self.name, call.item, call.again)
+            self.actors[call.actor] = self.host.remote(self.worker, self.kwargs)
+            self.load[call.actor] = 0
+            for _, c in lost:
+                self.submit(c.payload, item=c.item, again=c.again or c is call, **c.kwargs)
 
     def kill(self) -> None:
         for ref in self.calls:
@@ -333,6 +467,7 @@ def map_prepared(
     actor_concurrency: int = 1,
     actor_env: dict[str, str] | None = None,
     progress: Progress | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[dict]:
     """Two steps, streamed: CPU workers run `prepare(item, spec=...)` and feed actors that hold `worker`.
 
@@ -346,7 +481,8 @@ def map_prepared(
     `prepare_spec()` method, its result (asked of the first model actor once it is up) is passed to
     prepare as `spec`. Items are pulled from the iterable only as there is room, so the caller may
     produce them lazily. With `progress`, model actors' calls get `progress=` a Reporter, as in
-    map_items.
+    map_items. `timeout_s` bounds each prepare call and each model call as map_items bounds an
+    item's (a model call counted from when it reaches the front of its actor's queue).
 
     Prepare runs in long-lived actors rather than tasks: under backpressure, idle task workers are
     reaped and the next task pays a fresh process and its imports (seconds with torch), which on a
@@ -364,15 +500,16 @@ def map_prepared(
     if actor_gpus:
         model_options["num_gpus"] = actor_gpus
     reporter = progress.reporter() if progress is not None else None
-    models = _Pool(worker, worker_kwargs or {}, actors, model_options, reporter=reporter)
+    clock = _Deadlines(timeout_s)
+    models = _Pool(worker, worker_kwargs or {}, actors, model_options, reporter=reporter, clock=clock)
     # Both pools start at once; prepare calls wait on the spec by reference, the driver never does.
     preparers = _Pool(_Bound, {"fn": prepare}, prepare_slots,
-                      {"num_cpus": prepare_cpus, "max_restarts": 3, "max_task_retries": 3})
+                      {"num_cpus": prepare_cpus, "max_restarts": 3, "max_task_retries": 3}, clock=clock)
     kwargs = {"spec": models.actors[0].method.remote("prepare_spec")} if hasattr(worker, "prepare_spec") else {}
     with progress if progress is not None else contextlib.nullcontext():
         try:
             item = first  # the next item not yet handed to a prepare actor; None once all are
-            ready: list = []  # prepared refs waiting for a model actor
+            ready: list = []  # (prepared ref, its item) waiting for a model actor
             depth = prefetch + max(0, actor_concurrency - 1)  # calls in flight per model actor
             limit = 2 * len(preparers.actors) + len(models.actors) * depth  # items prepared or preparing
             while True:
@@ -380,15 +517,18 @@ def map_prepared(
                     preparers.submit(item, **kwargs)
                     item = next(iterator, None)
                 while ready and models.free(depth):
-                    models.submit(ready.pop(0))
+                    prepared, prepared_item = ready.pop(0)
+                    models.submit(prepared, item=prepared_item)
                 if not preparers.calls and not models.calls:
                     return  # nothing running: nothing ready and no item left either
-                done, _ = ray.wait(list(preparers.calls) + list(models.calls), num_returns=1, fetch_local=False)
+                done, _ = ray.wait(list(preparers.calls) + list(models.calls), num_returns=1, fetch_local=False,
+                                   timeout=clock.wait_s())
+                preparers.expire(done)
+                models.expire(done)
                 for ref in done:
                     if ref in preparers.calls:
-                        preparers.done(ref)
-                        ready.append(ref)
-                    else:
+                        ready.append((ref, preparers.done(ref).item))
+                    elif ref in models.calls:  # not one made again on a fresh actor just now
                         models.done(ref)
                         yield _get(ref)
         finally:
