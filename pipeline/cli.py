@@ -36,11 +36,12 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     # Only a valid config gets this far: the runner imports Ray (and the stages their libraries).
+    from pipeline.ray_adapter import ItemTimeoutError
     from pipeline.runner import InvariantError, format_summary, run_pipeline
 
     try:
         summary = run_pipeline(config)
-    except InvariantError as exc:  # the run's own failure, not the user's: exit 1
+    except (InvariantError, ItemTimeoutError) as exc:  # the run's own failure, not the user's: exit 1
         return report_error(exc, 1, args.debug)
     print(format_summary(summary))
     return 0

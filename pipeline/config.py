@@ -93,6 +93,15 @@ class RayConfig(Section):
         description="Input a shuffle's map task gathers before it partitions it (Ray Data's shuffle_input_batch_bytes, "
         "1 GiB by default there): the task needs about three times this. Results do not depend on it.",
     )
+    item_timeout_s: float | None = Field(
+        3600.0, gt=0,
+        description="Wall-clock bound in seconds (default 3600) of one work item: a partition's call in any stage, an "
+        "embed batch's preparation or model call, counted from when it is handed to its worker (a fresh worker's "
+        "start included). One that runs longer is killed with its worker process and retried once in a fresh one; "
+        "a second time fails the run naming its shard. null: no bound. The steps that run over the whole pool "
+        "at once (the shuffles of dedup, select and embed.provided, semantic dedup's groups, k-means training, "
+        "sampling for it) are not bounded.",
+    )
 
 
 # The image members WebDataset readers (open_clip's trainer among them) take, in order of preference.

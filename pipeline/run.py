@@ -108,6 +108,11 @@ class RunContext:
     _progress: object = None  # the stage's pipeline.ray_progress.Progress, when it has one
     _logged_at: float = 0.0
 
+    @property
+    def item_timeout_s(self) -> float | None:
+        """The wall-clock bound of one work item (ray.item_timeout_s), for map_items / map_prepared."""
+        return self.config.ray.item_timeout_s
+
     def read(self, stage: str, partition: int) -> str:
         """The URL of another stage's file for `partition`, which this stage must declare it reads."""
         self._check_read(stage)

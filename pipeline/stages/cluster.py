@@ -133,7 +133,7 @@ def run(ctx) -> None:
         ctx.record.counts["centroids_from"] = given
     elif not fs.exists(centroids_url):
         sources = [{"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i]} for i in indices]
-        counts = {r["partition"]: r["count"] for r in map_items(count_eligible, sources, num_cpus=1)}
+        counts = {r["partition"]: r["count"] for r in map_items(count_eligible, sources, num_cpus=1, timeout_s=ctx.item_timeout_s)}
         samples, _ = training_sample.gather(sources, counts, settings.max_train_points, settings.seed, sample_vectors)
         gpus = gpus_per_worker(ctx.resources)
         ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, sum(counts.values()), *samples, num_gpus=gpus))
@@ -142,13 +142,13 @@ def run(ctx) -> None:
          "out": ctx.paths.stage_part(NAME, i)}
         for i in ctx.todo(indices)
     ]
-    for result in map_items(assign_partition, items, num_cpus=1):
+    for result in map_items(assign_partition, items, num_cpus=1, timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result["partition"], {"samples": result["samples"]})
     stats = ctx.record.counts.get("partitions", {}).values()
     k = len(load_centroids(centroids_url))
     sizes = np.zeros(k, np.int64)  # added up as partitions report: the driver holds K counts, not P x K
     for result in map_items(cluster_sizes, [{"partition": i, "out": ctx.paths.stage_part(NAME, i), "k": k}
-                                            for i in indices], num_cpus=1):
+                                            for i in indices], num_cpus=1, timeout_s=ctx.item_timeout_s):
         sizes += result["sizes"]
     write_table_atomic(
         pa.table({"clustering": pa.array(["dedup"] * len(sizes)), "cluster": pa.array(np.arange(len(sizes)), pa.int32()),

@@ -650,7 +650,7 @@ def run(ctx) -> None:
         prepare_chunk, EmbedWorker, items(), worker_kwargs=worker_kwargs, actors=res.actors,
         actor_cpus=res.actor_cpus, actor_gpus=res.actor_gpus, prepare_cpus=res.decode_cpus,
         prepare_slots=res.decode_slots, prefetch=cfg.prefetch, actor_concurrency=2 if res.device == "cuda" else 1,
-        actor_env=cpu_actor_env() if res.device == "cpu" else None, progress=progress,
+        actor_env=cpu_actor_env() if res.device == "cpu" else None, progress=progress, timeout_s=ctx.item_timeout_s,
     )
     for result in results:
         part = open_parts[result["partition"]]

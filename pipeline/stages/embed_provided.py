@@ -254,7 +254,7 @@ def run(ctx) -> None:
 def embed_partitions(ctx, files: list[str], todo: list[int], dim: int) -> None:
     """The join, then one task per partition; the join's files go once every partition is written."""
     provided = ctx.config.embed.provided
-    counted = map_items(_file_rows, [{"file": k, "url": url} for k, url in enumerate(files)])
+    counted = map_items(_file_rows, [{"file": k, "url": url} for k, url in enumerate(files)], timeout_s=ctx.item_timeout_s)
     metadata_rows = sum(r["rows"] for r in counted)
     log.info("embed: %s embeddings and scores from %d DataComp metadata file(s) (%d rows), no model pass",
              provided.embeddings, len(files), metadata_rows)
@@ -264,6 +264,6 @@ def embed_partitions(ctx, files: list[str], todo: list[int], dim: int) -> None:
               "locations": fs.join(locations_dir(ctx.paths), f"part-{p:06d}.parquet")} for p in todo]
     kwargs = {"files": files, "embeddings": provided.embeddings, "clip_score": provided.clip_score,
               "dfn_score": provided.dfn_score, "dim": dim}
-    for result in map_items(provided_partition, items, worker_kwargs=kwargs, num_cpus=1):
+    for result in map_items(provided_partition, items, worker_kwargs=kwargs, num_cpus=1, timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result["partition"], {k: result[k] for k in ("samples", "embedded", "with_text")})
     fs.remove_tree(ctx.paths.stage_dir(NAME))

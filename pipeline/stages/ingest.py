@@ -581,7 +581,8 @@ def run(ctx) -> None:
     ]
     worker_kwargs = {"config": ctx.config.model_dump(mode="json")}
     progress = ctx.progress(total_bytes([item["url"] for item in items]), measure="bytes")
-    for result in map_items(IngestWorker, items, worker_kwargs=worker_kwargs, num_cpus=1, progress=progress):
+    for result in map_items(IngestWorker, items, worker_kwargs=worker_kwargs, num_cpus=1, progress=progress,
+                             timeout_s=ctx.item_timeout_s):
         stats = {
             "samples": result["samples"],
             "kept": result["kept"],

@@ -54,7 +54,7 @@ def run(ctx) -> None:
         }
         for i in todo
     ]
-    for result in map_items(finalize_partition, items, num_cpus=0.5):
+    for result in map_items(finalize_partition, items, num_cpus=0.5, timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result["partition"],
                            {"samples": result["samples"], "kept": result["kept"], "digest": result["digest"]})
     stats = ctx.record.counts.get("partitions", {}).values()

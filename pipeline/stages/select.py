@@ -134,11 +134,13 @@ def score_step(rule, reason: str, column: str) -> Step:
         cut = RadixCut(run.entering, rule.fraction)
         while cut.histogram_wanted:
             hist = np.zeros(1 << 16, dtype=np.int64)
-            for result in map_items(score_histogram, [{**item, "prefix": cut.prefix} for item in items], num_cpus=run.cpus):
+            for result in map_items(score_histogram, [{**item, "prefix": cut.prefix} for item in items], num_cpus=run.cpus,
+                                    timeout_s=run.timeout_s):
                 hist += result["histogram"]
             cut.add_histogram(hist)
         if not cut.empty:
-            members = sorted(map_items(score_members, [{**item, "prefix": cut.prefix} for item in items], num_cpus=run.cpus),
+            members = sorted(map_items(score_members, [{**item, "prefix": cut.prefix} for item in items], num_cpus=run.cpus,
+                                       timeout_s=run.timeout_s),
                              key=lambda r: r["partition"])
             boundary = cut.boundary([m["keys"] for m in members], [m["uids"] for m in members])
             params["boundary"] = [boundary.score, boundary.uid]

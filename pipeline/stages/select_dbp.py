@@ -122,10 +122,10 @@ def cluster_aggregate(item: dict) -> dict:
     return {"partition": item["partition"], "sizes": sizes, "sums": sums, "published": published}
 
 
-def _added(fn, items: list[dict], k: int) -> dict:
+def _added(fn, items: list[dict], k: int, timeout_s: float | None) -> dict:
     """Per-cluster aggregates of many partitions, added up as they arrive (the driver holds K of each)."""
     total = {"sizes": np.zeros(k, np.int64), "sums": [0] * k, "published": np.zeros(k, np.int64)}
-    for result in map_items(fn, items, num_cpus=1):
+    for result in map_items(fn, items, num_cpus=1, timeout_s=timeout_s):
         total["sizes"] += result["sizes"]
         total["published"] += result["published"]
         total["sums"] = [a + b for a, b in zip(total["sums"], result["sums"])]
@@ -196,13 +196,14 @@ def decide(run: StepRun) -> dict:
     assigned = run.state.setdefault("assigned", [])
     items = [{"partition": i, "verdict": url, "embed": run.ctx.read("embed", i), "centroids": centroids_url,
               "out": pattern.format(partition=i)} for i, url in sorted(run.inputs.items()) if i not in assigned]
-    for result in map_items(assign_dbp_partition, items, num_cpus=1):
+    for result in map_items(assign_dbp_partition, items, num_cpus=1, timeout_s=run.timeout_s):
         assigned.append(result["partition"])
         run.save()
     new = _added(cluster_aggregate, [{"partition": i, "assignment": pattern.format(partition=i), "k": k}
-                                     for i in sorted(run.inputs)], k)
+                                     for i in sorted(run.inputs)], k, run.timeout_s)
     earlier = _added(cluster_aggregate, [{"partition": -1 - j, "assignment": part.metadata, "k": k, "reference": True}
-                                         for j, part in enumerate(reference.parts())] if reference else [], k)
+                                         for j, part in enumerate(reference.parts())] if reference else [], k,
+                     run.timeout_s)
     new_sizes = new["sizes"]
     sizes_all = new_sizes + earlier["sizes"]
     sums_all = [a + b for a, b in zip(new["sums"], earlier["sums"])]

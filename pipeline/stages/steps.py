@@ -90,6 +90,11 @@ class StepRun:
     def cpus(self) -> float:
         return _cpus(self.ctx)
 
+    @property
+    def timeout_s(self) -> float | None:
+        """The wall-clock bound of one work item (ray.item_timeout_s)."""
+        return self.ctx.item_timeout_s
+
     def save(self, now: bool = False) -> None:
         """Record the step's state in the manifest: at most every 2 s, or at once (`now`)."""
         self.ctx.manifest.set_stage(self.ctx.stage_name, self.ctx.record, throttle_s=0.0 if now else 2.0)
@@ -103,7 +108,7 @@ def run_steps(ctx: RunContext, stage: str, steps: list[Step], inputs: dict[int, 
     drops by reason. Resumes a step from the partitions its record says are applied."""
     record = ctx.record
     states = record.counts.setdefault("steps", {})
-    counts = _counts(inputs, _cpus(ctx))
+    counts = _counts(inputs, _cpus(ctx), ctx.item_timeout_s)
     rows = {i: c["rows"] for i, c in counts.items()}
     survivors = {i: c["survivors"] for i, c in counts.items()}
     samples_in = sum(survivors.values())
@@ -146,7 +151,8 @@ def _run_step(run: StepRun, step: Step, outputs: dict[int, str]) -> None:
               "updates": run.updates_url(i) if step.decide else None} for i in todo]
     progress = _Progress(f"{name} apply", len(run.inputs), len(run.inputs) - len(todo))
     worker_kwargs = {"local": step.local, "values": step.values, "config": run.config}
-    for result in map_items(apply_partition, items, worker_kwargs=worker_kwargs, num_cpus=run.cpus):
+    for result in map_items(apply_partition, items, worker_kwargs=worker_kwargs, num_cpus=run.cpus,
+                            timeout_s=run.timeout_s):
         applied[str(result["partition"])] = {"survivors": result["survivors"], "dropped": result["dropped"]}
         run.save()
         progress.step()
@@ -168,9 +174,9 @@ def apply_partition(item: dict, local=None, values=None, config=None) -> dict:
     return {"partition": item["partition"], "survivors": int(len(survivor_rows(verdict))), "dropped": dropped}
 
 
-def _counts(inputs: dict[int, str], cpus: float) -> dict[int, dict]:
+def _counts(inputs: dict[int, str], cpus: float, timeout_s: float | None) -> dict[int, dict]:
     items = [{"partition": i, "url": url} for i, url in inputs.items()]
-    return {r["partition"]: r for r in map_items(_count_survivors, items, num_cpus=cpus)}
+    return {r["partition"]: r for r in map_items(_count_survivors, items, num_cpus=cpus, timeout_s=timeout_s)}
 
 
 def _cpus(ctx: RunContext) -> float:

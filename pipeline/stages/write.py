@@ -244,7 +244,7 @@ def run(ctx) -> None:
             "read_block_bytes": ctx.config.write.read_block_bytes,
         })
     progress = ctx.progress(sum(stop - first for item in items for _, first, stop in item["slices"]))
-    for result in map_items(write_shard_item, items, num_cpus=1, progress=progress):
+    for result in map_items(write_shard_item, items, num_cpus=1, progress=progress, timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result["partition"], {"count": result["count"], "digest": result["digest"]})
     stats = ctx.record.counts.get("partitions", {})
     sizes = {os.path.basename(ctx.paths.shard(shard)): stats[str(shard)]["count"] for shard in range(len(plan))}
