@@ -160,3 +160,32 @@ def test_worker_killed_mid_task_is_retried_and_the_run_completes(pool, reference
     assert killed and killed[0], "no ingest worker was killed"
     assert summary.samples == 1200
     _assert_same_output(reference, out)
+
+
+def test_an_input_whose_read_never_returns_fails_the_run_naming_the_shard(tmp_path):
+    """A FIFO named like a shard blocks whoever opens it until a writer comes: the ingest worker is
+    killed after ray.item_timeout_s, once more in a fresh worker, then the run fails in one line."""
+    fifo = tmp_path / "x.tar"
+    os.mkfifo(fifo)
+    try:
+        result = subprocess.run(_command(fifo, tmp_path / "out") + ["ray.item_timeout_s=2", "ray.num_cpus=2"],
+                                cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        _unblock(fifo)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"curate: IngestWorker on partition 0 ({fifo}) ran longer than 2 s (ray.item_timeout_s) "
+                           "twice, the second time in a fresh worker"), result.stderr
+    assert f"IngestWorker on partition 0 ({fifo}) ran longer than 2 s; retrying it once in a fresh worker" \
+        in result.stderr
+
+
+def _unblock(fifo: Path) -> None:
+    """Let any reader still waiting on `fifo` through (it sees an empty file), then remove it."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # ENXIO: nobody is reading it
+    fifo.unlink()
