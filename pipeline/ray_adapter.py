@@ -6,6 +6,11 @@ on Ray actors or tasks and yields the results as they complete, so the driver ca
 partitions while the job runs. A worker may also be given `progress=`, a plain callback for what it
 finishes inside a work item, whose totals the driver logs (Progress). Stage code never imports Ray
 itself, and its cores run without Ray (and without a callback) as well.
+
+Each work item can run under a wall-clock bound (ray.item_timeout_s): a read that never returns
+would otherwise hang the run. Past it the item's worker process is killed and the item runs once
+more in a fresh one; a second time ends the run with ItemTimeoutError, naming the worker and the
+item's partition and shard.
 """
 
 from __future__ import annotations
@@ -398,7 +403,7 @@ class _Pool:
         # dashboard say which worker an actor holds ("IngestWorkerHost"), not just "_Host".
         self.host = ray.remote(type(f"{worker.__name__}Host", (_Host,), {})).options(**options)
         self.worker, self.kwargs = worker, kwargs
-        self.name = getattr(kwargs.get("fn"), "__name__", None) if worker is _Bound else worker.__name__
+        self.name = getattr(kwargs.get("fn"), "__name__", "prepare") if worker is _Bound else worker.__name__
         self.actors = [self.host.remote(worker, kwargs) for _ in range(max(1, size))]
         self.reporter = reporter
         self.clock = clock if clock is not None else _Deadlines(None)
