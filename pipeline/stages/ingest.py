@@ -227,11 +227,12 @@ def ingest_shard(
 
 def _sample_json(name: str, data: bytes) -> tuple[dict, str | None]:
     """The sample's json object, or {} and why it cannot be used. Its size is bounded by
-    ingest.max_member_bytes; a nesting too deep for the parser and a lone surrogate escape (which
-    no UTF-8 column can hold) are errors of this sample, never of the run."""
+    ingest.max_member_bytes; a nesting too deep for the parser, an integer too long for Python to
+    convert and a lone surrogate escape (which no UTF-8 column can hold) are errors of this sample,
+    never of the run."""
     try:
         loaded = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int past Python's 4300-digit limit
         return {}, f"{name!r} is not valid JSON: {exc}"
     except RecursionError:
         return {}, f"{name!r} is nested too deeply to parse"

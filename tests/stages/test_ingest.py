@@ -265,6 +265,19 @@ def test_a_hostile_json_is_an_error_of_its_sample_not_of_the_run(langid):
     assert all(rows[k]["drop_reason"] is None for k in "abc")
 
 
+def test_a_json_integer_too_long_for_python_is_an_error_of_its_sample(langid):
+    # json.loads raises a plain ValueError (not JSONDecodeError) for an integer of over 4300
+    # digits, which used to fail the whole shard.
+    long_int = b'{"uid": "0123456789abcdef0123456789abcdef", "n": ' + b"7" * 4400 + b"}"
+    tar = make_tar([("a.jpg", jpeg_bytes()), ("a.txt", CAPTION), ("a.json", long_int),
+                    ("b.jpg", jpeg_bytes()), ("b.txt", CAPTION)])
+    rows, report = ingest(tar, langid)
+    assert report.samples == 2 and report.shard_error is None
+    assert rows["a"]["json_error"].startswith("'a.json' is not valid JSON: Exceeds the limit (4300 digits)")
+    assert rows["a"]["uid_source"] == "shard_key"  # nothing of a rejected json is used
+    assert rows["a"]["drop_reason"] is None and rows["b"]["drop_reason"] is None
+
+
 def test_a_repeated_key_is_a_row_of_its_own(langid):
     first, second = jpeg_bytes(300, 300), jpeg_bytes(320, 320, colour=(10, 200, 10))
     tar = make_tar([("k.jpg", first), ("k.txt", CAPTION), ("other.jpg", first), ("other.txt", CAPTION),
