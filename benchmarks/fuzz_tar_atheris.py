@@ -118,6 +118,12 @@ def seeds() -> list[bytes]:
                   ("k4.txt", b"\xff\xfe caption")]),
         _written([("d/s1.jpg", _jpeg(24, 12, (0, 90, 200))), ("d/s1.json", b"[1, 2]"), ("d/s1.txt", b"  "),
                   ("d/s2.webp", b"RIFF\x00\x00\x00\x00WEBP"), ("d/s2.txt", caption)]),
+        # json that breaks parsers (tests/stages/test_ingest.py), and an image header past the pixel limit
+        _written([("j1.jpg", _jpeg(8, 8, (1, 2, 3))), ("j1.txt", caption), ("j1.json", b'{"a": ' * 1200 + b"1" + b"}" * 1200),
+                  ("j2.json", b'{"url": "http://x/\\ud800.jpg", "original_width": 1e400, "original_height": 2.5}'),
+                  ("j3.json", b'{"uid": "0123456789abcdef0123456789abcdeF", "n": ' + b"7" * 4400 + b"}"),
+                  ("j4.png", _png(8, 8)[:16] + b"\x00\x00\xff\xff\x00\x00\xff\xff" + _png(8, 8)[24:]),
+                  ("j4.txt", caption)]),
     ]
     hostile = [
         header(b"huge.jpg", base256(2**62)) + b"\xab" * 2048 + member(b"b.txt", b"after") + END,
