@@ -47,8 +47,10 @@ import io
 import json
 import os
 import random
+import struct
 import sys
 import tempfile
+import zlib
 
 import atheris
 
@@ -90,6 +92,15 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG declaring width x height pixels, with a few bytes of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x00" * 16) + chunk(b"IEND", b"")
+
+
 def _written(members: list[tuple[str, bytes]]) -> bytes:
     buffer = io.BytesIO()
     with TarWriter(buffer) as tar:
@@ -122,8 +133,7 @@ def seeds() -> list[bytes]:
         _written([("j1.jpg", _jpeg(8, 8, (1, 2, 3))), ("j1.txt", caption), ("j1.json", b'{"a": ' * 1200 + b"1" + b"}" * 1200),
                   ("j2.json", b'{"url": "http://x/\\ud800.jpg", "original_width": 1e400, "original_height": 2.5}'),
                   ("j3.json", b'{"uid": "0123456789abcdef0123456789abcdeF", "n": ' + b"7" * 4400 + b"}"),
-                  ("j4.png", _png(8, 8)[:16] + b"\x00\x00\xff\xff\x00\x00\xff\xff" + _png(8, 8)[24:]),
-                  ("j4.txt", caption)]),
+                  ("j4.png", _png_header(10_000, 10_000)), ("j4.txt", caption), ("j5.png", _png_header(20_000, 20_000))]),
     ]
     hostile = [
         header(b"huge.jpg", base256(2**62)) + b"\xab" * 2048 + member(b"b.txt", b"after") + END,
