@@ -34,7 +34,8 @@ The seed corpus (written into `--corpus` when it has no file yet): small shards 
 ustar format (tests.tar_mutations.random_shard), shards of real samples written with the project's
 TarWriter and one from pipeline.synth, the hand-made hostile cases of tests/io/test_tar_hostile.py
 (huge and non-numeric sizes, pax and long-name headers, GNU sparse, links, devices, non-UTF-8 names,
-cuts) and seeded mutations of them. A custom mutator runs libFuzzer's own mutations and then, half
+cuts), seeded mutations of them, samples whose json breaks parsers (deep nesting, a lone surrogate,
+a 4400-digit integer) and PNG headers past the pixel limits. A custom mutator runs libFuzzer's own mutations and then, half
 the time, gives valid checksums to the block-aligned blocks that look like headers, so that the
 fuzzer can explore header fields behind the checksum; a dictionary holds tar's magic strings and
 pax keywords.

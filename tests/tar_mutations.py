@@ -1,5 +1,5 @@
 """Hand-made tar blocks and seeded shard mutations, for the hostile-input tests of the tar reader
-and for benchmarks/fuzz_tar.py."""
+and for benchmarks/fuzz_tar.py and benchmarks/fuzz_tar_atheris.py."""
 
 from __future__ import annotations
 
