@@ -6,8 +6,8 @@ within distance r agrees exactly on at least one key; candidates are verified wi
 vectorised popcount, linked with a vectorised union-find, and each component keeps its
 smallest uid.
 
-Keys. The basic scheme of section 5.3 is r+1 bands (pigeonhole: r differing bits leave one band intact);
-:func:`band_candidate_pairs` implements it as given. Its cost is set by the band width: for
+Keys. The basic scheme of section 5.3 is r+1 bands (pigeonhole: r differing bits leave one band intact;
+tests/algorithms/reference.py implements it as given, as explicit pair lists). Its cost is set by the band width: for
 10^6 random hashes at r = 8 the bands are 7 bits wide and the groups hold ~7,800 hashes each,
 ~3.5e10 pairs to verify. :func:`index_plan` keeps the same guarantee with wider keys: split the
 64 bits into m blocks; a pair within distance r differs in at most r blocks, so it agrees on
@@ -35,8 +35,7 @@ verified, so the components equal those of the all-pairs graph.
 
 Identical hashes are collapsed first: tables compare distinct values only, and rows with an
 equal hash share that value's component, so a large group of equal hashes costs O(group)
-instead of O(group^2). :func:`identical_hash_pairs`, :func:`key_candidate_pairs` and
-:func:`band_candidate_pairs` return explicit verified pair lists (for callers that want them).
+instead of O(group^2).
 """
 
 from __future__ import annotations
@@ -51,13 +50,9 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "band_mask",
-    "band_candidate_pairs",
     "connected_components",
     "hamming_distance",
-    "identical_hash_pairs",
     "index_plan",
-    "key_candidate_pairs",
     "near_duplicates",
 ]
 
@@ -117,14 +112,6 @@ def _blocks_mask(bounds: list[tuple[int, int]], blocks: tuple[int, ...] | list[i
         lo, hi = bounds[b]
         mask |= ((1 << (hi - lo)) - 1) << lo
     return mask
-
-
-def band_mask(band: int, radius: int) -> int:
-    """Bit mask of band ``band`` among the basic scheme's radius+1 contiguous bands of the 64 bits."""
-    r = _check_radius(radius)
-    if not 0 <= band <= r:
-        raise ValueError(f"band must be in [0, {r}]")
-    return _blocks_mask(_block_bounds(r + 1), [band])
 
 
 def _affine_planes_16() -> np.ndarray:
@@ -232,32 +219,6 @@ def index_plan(radius: int, n: int) -> tuple[int, ...]:
     return best[1]
 
 
-def _distinct(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct values, first row of each, sort order of rows by hash)."""
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    first = np.empty(len(hs), dtype=bool)
-    if len(hs):
-        first[0] = True
-        np.not_equal(hs[1:], hs[:-1], out=first[1:])
-    return hs[first], order[first], order
-
-
-def identical_hash_pairs(hashes: npt.ArrayLike) -> npt.NDArray[np.int64]:
-    """Pairs (first row with that hash, row) for every row whose hash appeared on an earlier
-    row: links equal hashes through one representative, O(n log n)."""
-    h = _as_hashes(hashes)
-    if len(h) == 0:
-        return np.empty((0, 2), dtype=np.int64)
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    first = np.r_[True, hs[1:] != hs[:-1]]
-    group = np.cumsum(first) - 1
-    rep = order[first][group]
-    later = ~first
-    return np.stack([rep[later], order[later]], axis=1).astype(np.int64)
-
-
 def _compress(values: np.ndarray, mask: int) -> tuple[np.ndarray, int]:
     """Gather the bits of ``mask`` into a compact unsigned key (smallest dtype that fits)."""
     runs: list[tuple[int, int]] = []
@@ -280,88 +241,6 @@ def _compress(values: np.ndarray, mask: int) -> tuple[np.ndarray, int]:
         off += w
     dtype = np.uint16 if width <= 16 else np.uint32 if width <= 32 else np.uint64
     return key.astype(dtype), width
-
-
-def _sort_order(key: np.ndarray) -> np.ndarray:
-    if key.dtype == np.uint16:
-        return np.argsort(key, kind="stable")  # radix sort
-    if key.dtype == np.uint32:  # two stable 16-bit radix passes beat a comparison sort
-        o1 = np.argsort((key & np.uint32(0xFFFF)).astype(np.uint16), kind="stable")
-        o2 = np.argsort((key[o1] >> np.uint32(16)).astype(np.uint16), kind="stable")
-        return o1[o2]
-    return np.argsort(key, kind="stable")
-
-
-def _pairs_in_groups(values: np.ndarray, rows: np.ndarray, mask: int, radius: int) -> npt.NDArray[np.int64]:
-    """Pairs of ``rows`` whose ``values`` agree on ``mask`` and are within ``radius``: sort by
-    key, then compare each position with the next 1, 2, ... positions while keys still match
-    (each in-group pair visited once, no pair list materialised)."""
-    if len(values) < 2:
-        return np.empty((0, 2), dtype=np.int64)
-    key, _ = _compress(values, mask)
-    order = _sort_order(key)
-    sk = key[order]
-    sv = values[order]
-    n = len(sk)
-    active = np.flatnonzero(sk[1:] == sk[:-1])
-    out_a: list[np.ndarray] = []
-    out_b: list[np.ndarray] = []
-    off = 1
-    while active.size:
-        other = active + off
-        hit = np.bitwise_count(sv[active] ^ sv[other]) <= radius
-        if hit.any():
-            out_a.append(active[hit])
-            out_b.append(other[hit])
-        off += 1
-        active = active[active + off < n]
-        active = active[sk[active] == sk[active + off]]
-    if not out_a:
-        return np.empty((0, 2), dtype=np.int64)
-    a = rows[order[np.concatenate(out_a)]]
-    b = rows[order[np.concatenate(out_b)]]
-    return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64)
-
-
-def key_candidate_pairs(
-    hashes: npt.ArrayLike, key_mask: int, radius: int, *, link_identical: bool = True
-) -> npt.NDArray[np.int64]:
-    """int64[m, 2] row pairs (i < j) that agree on every bit of ``key_mask`` and lie within
-    Hamming distance ``radius``. Distinct hash values are compared through their first row;
-    with ``link_identical`` the (first row, row) links of equal hashes are appended."""
-    r = _check_radius(radius)
-    h = _as_hashes(hashes)
-    values, reps, _ = _distinct(h)
-    pairs = _pairs_in_groups(values, reps, int(key_mask), r)
-    if link_identical:
-        same = identical_hash_pairs(h)
-        if len(same):
-            pairs = np.concatenate([pairs, np.sort(same, axis=1)])
-    return pairs
-
-
-def band_candidate_pairs(
-    hashes: npt.ArrayLike,
-    band: int,
-    radius: int,
-    *,
-    plan: tuple[int, ...] | None = None,
-    link_identical: bool = True,
-) -> npt.NDArray[np.int64]:
-    """Candidate pairs of one band: one parallel task per band.
-
-    Without ``plan``: the basic scheme, band ``band`` of radius+1 contiguous bands. With
-    ``plan`` (from :func:`index_plan`): its ``band``-th key. Either way the returned pairs are
-    verified (distance <= radius) and the union over all bands contains every such pair
-    (equal hashes through their first row, see ``link_identical``)."""
-    r = _check_radius(radius)
-    if plan is None:
-        mask = band_mask(band, r)
-    else:
-        if not 0 <= band < len(plan):
-            raise ValueError(f"band must be in [0, {len(plan)})")
-        mask = int(plan[band])
-    return key_candidate_pairs(hashes, mask, r, link_identical=link_identical)
 
 
 def connected_components(n: int, pairs: npt.ArrayLike) -> npt.NDArray[np.int64]:

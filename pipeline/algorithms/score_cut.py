@@ -2,15 +2,15 @@
 
 Two modes: an absolute threshold, and the top fraction of the pool under the total order
 (score descending, uid ascending, NaN scores last). The fraction cut is global; for a pool
-split into partitions, :func:`top_fraction_threshold` finds the boundary element of that order
-with a few streaming passes of radix selection (a 65,536-bin histogram per pass, nothing
-concatenated), and :func:`keep_at_or_above` applies it to any partition independently.
+split into partitions, :class:`RadixCut` finds the boundary element of that order with a few
+passes of radix selection over per-partition 65,536-bin histograms (nothing concatenated; the
+select stage runs each pass as tasks), and :func:`keep_at_or_above` applies it to any partition
+independently. The whole-pool form of the rule, for tests, is tests/algorithms/reference.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -25,12 +25,7 @@ __all__ = [
     "partition_histogram",
     "partition_members",
     "threshold_keep",
-    "top_fraction_keep",
-    "top_fraction_threshold",
 ]
-
-Partition = tuple[npt.ArrayLike, npt.ArrayLike]
-Partitions = Sequence[Partition] | Callable[[], Iterable[Partition]]
 
 _DIGIT_BITS = 16
 _COLLECT_CAP = 1 << 20  # gather a bin's members outright once it holds at most this many
@@ -69,24 +64,6 @@ def _uids(uids: npt.ArrayLike, n: int) -> np.ndarray:
     return u if u.dtype.kind == "U" else u.astype(str)
 
 
-def _rank_order(scores: npt.ArrayLike, uids: npt.ArrayLike) -> npt.NDArray[np.int64]:
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1:
-        raise ValueError("scores must be 1-D")
-    u = _uids(uids, len(s))
-    key = _order_key(s)
-    return np.lexsort((u, ~key)).astype(np.int64)  # key descending, uid ascending
-
-
-def top_fraction_keep(scores: npt.ArrayLike, uids: npt.ArrayLike, fraction: float) -> npt.NDArray[np.bool_]:
-    """Keep the first floor(fraction * N) rows of (score descending, uid ascending), NaN scores
-    ranked last (so they are kept only if the cut reaches past every real score)."""
-    order = _rank_order(scores, uids)
-    keep = np.zeros(len(order), dtype=bool)
-    keep[order[: keep_count(len(order), fraction)]] = True
-    return keep
-
-
 @dataclass(frozen=True)
 class Boundary:
     """Last kept element of the global order: keep (score, uid) at or above it."""
@@ -108,32 +85,6 @@ def keep_at_or_above(
     key = _order_key(s)
     bkey = _order_key(np.array([boundary.score]))[0]
     return (key > bkey) | ((key == bkey) & (u <= boundary.uid))
-
-
-def _iterate(partitions: Partitions) -> Iterable[Partition]:
-    return partitions() if callable(partitions) else partitions
-
-
-def top_fraction_threshold(partitions: Partitions, fraction: float) -> Boundary | None:
-    """Boundary of the global ``top_fraction_keep`` over many partitions.
-
-    ``partitions``: a sequence of ``(scores, uids)`` pairs, or a zero-argument callable that
-    returns a fresh iterable of them (so a stage can stream them from storage; it is read a few
-    times). Radix selection on a 64-bit order key, 16 bits per pass (:class:`RadixCut`): each pass
-    keeps one 65,536-bin histogram; once the target bin is small its members' keys and uids are
-    gathered and sorted. Typically two or three passes; memory O(65,536 + one bin).
-    """
-    total = sum(len(np.asarray(s)) for s, _u in _iterate(partitions))
-    cut = RadixCut(total, fraction)
-    while cut.histogram_wanted:
-        hist = np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
-        for s, _u in _iterate(partitions):
-            hist += partition_histogram(s, *cut.prefix)
-        cut.add_histogram(hist)
-    if cut.empty:
-        return None
-    gathered = [partition_members(s, u, *cut.prefix) for s, u in _iterate(partitions)]
-    return cut.boundary([g[0] for g in gathered], [g[1] for g in gathered])
 
 
 class RadixCut:

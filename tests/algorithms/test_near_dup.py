@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.algorithms import near_dup as nd
-from pipeline.algorithms.near_dup import (
-    band_candidate_pairs,
-    band_mask,
-    connected_components,
-    hamming_distance,
-    identical_hash_pairs,
-    index_plan,
-    key_candidate_pairs,
-    near_duplicates,
-)
+from pipeline.algorithms.near_dup import connected_components, hamming_distance, index_plan, near_duplicates
+from tests.algorithms.reference import band_candidate_pairs, band_mask, identical_hash_pairs, key_candidate_pairs
 
 
 def _planted(n: int, radius: int, rng: np.random.Generator) -> np.ndarray:

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.algorithms import score_cut
-from pipeline.algorithms.score_cut import (
-    Boundary,
-    keep_at_or_above,
-    keep_count,
-    threshold_keep,
-    top_fraction_keep,
-    top_fraction_threshold,
-)
+from pipeline.algorithms.score_cut import Boundary, keep_at_or_above, keep_count, threshold_keep
+from tests.algorithms.reference import top_fraction_keep, top_fraction_threshold
 
 
 def _full_sort_keep(scores, uids, fraction):

@@ -19,7 +19,7 @@ import pytest
 from pipeline.algorithms.dbp import cluster_complexity, cluster_quotas, select_in_clusters
 from pipeline.algorithms.exact_dup import exact_duplicates
 from pipeline.algorithms.near_dup import near_duplicates
-from pipeline.algorithms.score_cut import top_fraction_keep
+from tests.algorithms.reference import top_fraction_keep
 from pipeline.runner import run_pipeline
 from tests.helpers import read_metadata, run_config
 
