@@ -184,6 +184,8 @@ def ingest_shard(
         sample.exts.add(member.ext)
         return sample
 
+    if size is None:
+        size = stream_size(stream)  # before the stream is wrapped: the wrapper cannot seek
     stream, gzip_stream = open_tar_stream(stream)
     reader = TarReader(stream, ingest.max_member_bytes, size=None if gzip_stream else size)
     cut: TarMember | None = None  # the first member cut short by the end of the shard

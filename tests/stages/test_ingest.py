@@ -320,3 +320,12 @@ def test_captions_and_json_are_hashed_for_the_write_stage(langid):
     rows, _ = ingest(make_tar([("k.jpg", jpeg_bytes()), ("k.txt", CAPTION), ("k.json", meta)]), langid)
     assert rows["k"]["text_sha256"] == hashlib.sha256(CAPTION).hexdigest()
     assert rows["k"]["json_sha256"] == hashlib.sha256(meta).hexdigest()
+
+
+def test_a_seekable_shard_without_a_given_size_is_measured_so_members_after_an_impossible_size_are_found(langid):
+    from tests.tar_mutations import END, header, member
+
+    tar = header(b"huge.jpg", 10 * 2**20) + member(b"b.jpg", jpeg_bytes()) + member(b"b.txt", CAPTION) + END
+    rows, report = ingest(tar, langid)  # a BytesIO, no size given
+    assert rows["huge"]["drop_reason"] == "truncated" and rows["b"]["drop_reason"] is None
+    assert "resynchronised" in report.shard_error
