@@ -104,6 +104,9 @@ class RayConfig(Section):
     )
 
 
+# The face cascade's window (pipeline.faces.CASCADE_WINDOW): no image smaller is searched.
+CASCADE_MIN_SIDE = 24
+
 # The image members WebDataset readers (open_clip's trainer among them) take, in order of preference.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -314,6 +317,30 @@ class DbpConfig(Section):
         return value
 
 
+class FacesConfig(Section):
+    """Face detection (docs/algorithms.md section 9): OpenCV's frontal-face Haar cascade, whose file
+    ships inside opencv-python-headless. Every image that can be embedded gets face_count and
+    face_bboxes; select.faces and write.blur_faces decide what is done with them."""
+
+    enabled: bool = Field(False, description="Detect faces in every image that can be embedded (the faces stage).")
+    min_face_px: int = Field(
+        24, ge=1,
+        description="Smallest face side, in the image's own pixels, that is reported. The cascade's window is 24 "
+        "pixels of the image it searches (at most max_side), so smaller faces are never found.",
+    )
+    min_neighbors: int = Field(
+        4, ge=1,
+        description="The cascade's score: a face is reported where at least this many overlapping windows found it. "
+        "Higher: fewer false faces, more missed ones.",
+    )
+    scale_factor: float = Field(1.1, gt=1, le=2, description="Step between the scales the cascade searches.")
+    max_side: int = Field(
+        1024, ge=CASCADE_MIN_SIDE,
+        description="Images whose longer side exceeds this are searched at reduced scale (longer side = this); "
+        "boxes are normalised, so they do not depend on it.",
+    )
+
+
 class SelectConfig(Section):
     subset: str | None = Field(
         None, description="A DataComp subset file (.npy of dtype u8,u8 uid halves): keep only these uids (not_in_subset), before the score filters."
@@ -323,6 +350,10 @@ class SelectConfig(Section):
     dbp: DbpConfig = DbpConfig()
     where: str | None = Field(
         None, description="DuckDB SQL predicate over the samples' metadata columns; samples for which it is not true are dropped (sql_filter)."
+    )
+    faces: Literal["keep", "drop"] = Field(
+        "keep", description="drop: drop every sample in whose image a face was found (has_faces, PASS-style; needs "
+        "faces.enabled). keep: faces decide nothing here (write.blur_faces may blur them)."
     )
 
 
@@ -336,6 +367,12 @@ class WriteConfig(Section):
     subset_file: bool = Field(True, description="Write the kept uids as a DataComp subset file (OUTPUT/datacomp_subset.npy).")
     read_block_bytes: int = Field(
         8 * 2**20, ge=2**16, description="Read-ahead block for range reads of source shards."
+    )
+    blur_faces: bool = Field(
+        False,
+        description="Publish images with a face re-encoded, each face box Gaussian-blurred (DataComp-style; needs "
+        "faces.enabled). Their new sha256 is in the metadata (blurred_sha256) and in the shard's json; every other "
+        "image is published byte-identical.",
     )
 
 
@@ -372,6 +409,7 @@ class CurateConfig(Section):
     dfn: DfnConfig = DfnConfig()
     cluster: ClusterConfig = ClusterConfig()
     dedup: DedupConfig = DedupConfig()
+    faces: FacesConfig = FacesConfig()
     select: SelectConfig = SelectConfig()
     write: WriteConfig = WriteConfig()
 
@@ -430,7 +468,8 @@ _PATTERN_CHARS = "*?[{"
 
 
 # What to tell a user whose option needs a stage that is off.
-_MISSING_STAGE = {"embed": "requires image embeddings, set embed.model or embed.provided"}
+_MISSING_STAGE = {"embed": "requires image embeddings, set embed.model or embed.provided",
+                  "faces": "requires face detection, set faces.enabled"}
 
 
 def _location(url: str) -> tuple[str, tuple[str, ...]]:

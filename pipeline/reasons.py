@@ -56,6 +56,7 @@ DROP_REASONS: tuple[DropReason, ...] = (
     DropReason("semantic_duplicate", "dedup", "SemDeDup: image embedding within dedup.semantic_eps of an earlier member of its cluster"),
     # selection
     DropReason("not_in_subset", "select", "uid not in the select.subset file"),
+    DropReason("has_faces", "select", "select.faces drop: the faces stage found a face in the image (PASS-style)"),
     DropReason("clip_score", "select", "CLIP score below the select.clip cut"),
     DropReason("dfn_score", "select", "DFN score below the select.dfn cut"),
     DropReason("dbp_pruned", "select", "beyond its concept cluster's DBP quota"),

@@ -50,6 +50,17 @@ _SCORES = [
     Column("dist_to_centroid", pa.float32(), "cluster", "1 - cos(image embedding, its centroid)"),
 ]
 
+_FACES = [
+    Column("face_count", pa.int32(), "faces", "faces found in the image (faces.enabled); null where the image was not "
+           "examined (no image to embed, or face detection off)"),
+    Column("face_bboxes", pa.list_(pa.list_(pa.float64())), "faces", "one [x0, y0, x1, y1] per face, normalised to "
+           "the image's width and height (DataComp's face_bboxes); [] when none"),
+    Column("faces_blurred", pa.bool_(), "faces", "write.blur_faces: the image is published re-encoded with its face "
+           "boxes blurred (only images with a face); false for the others"),
+    Column("blurred_sha256", pa.string(), "faces", "sha256 of the published, blurred image bytes, hex (sha256 stays "
+           "that of the ingested bytes)"),
+]
+
 _INGEST = [
     Column("uid_source", pa.string(), "ingest", "where the uid came from: json | url_caption | shard_key"),
     Column("url", pa.string(), "ingest", "source URL from the sample's json"),
@@ -78,7 +89,7 @@ _INGEST = [
 ]
 
 INGEST_COLUMNS: list[Column] = _IDENTITY + [_DECISION[1], _DECISION[2]] + _INGEST
-METADATA_COLUMNS: list[Column] = _IDENTITY + _DECISION + _SCORES + _INGEST
+METADATA_COLUMNS: list[Column] = _IDENTITY + _DECISION + _SCORES + _FACES + _INGEST
 
 INGEST_SCHEMA = pa.schema([c.field() for c in INGEST_COLUMNS])
 METADATA_SCHEMA = pa.schema([c.field() for c in METADATA_COLUMNS])

@@ -55,7 +55,8 @@ class Stage:
 
 def _select_on(config) -> bool:
     rules = config.select
-    return bool(rules.subset or rules.clip.enabled or rules.dfn.enabled or rules.dbp.enabled or rules.where)
+    return bool(rules.subset or rules.faces == "drop" or rules.clip.enabled or rules.dfn.enabled or rules.dbp.enabled
+                or rules.where)
 
 
 def _select_needs(config) -> Needs:
@@ -65,6 +66,17 @@ def _select_needs(config) -> Needs:
                                          ("select.dbp", config.select.dbp.enabled)) if on]
     if options:
         needs["embed"] = ", ".join(options)
+    if config.select.faces == "drop":
+        needs["faces"] = "select.faces"
+    return needs
+
+
+def _write_needs(config) -> Needs:
+    needs: Needs = {"metadata": None}
+    if config.write.embeddings:
+        needs["embed"] = "write.embeddings"
+    if config.write.blur_faces:
+        needs["faces"] = "write.blur_faces"  # the boxes reach it in the metadata; its output depends on them
     return needs
 
 
@@ -76,14 +88,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingest", needs=lambda c: {}),
     Stage("embed", "embed", needs=lambda c: {"ingest": None}, enabled=lambda c: c.embed.enabled,
           resources=Resources(cpus=1, gpus=1)),
+    Stage("faces", "faces", needs=lambda c: {"ingest": None}, enabled=lambda c: c.faces.enabled,
+          resources=Resources(cpus=1)),
     Stage("cluster", "cluster", needs=lambda c: {"ingest": None, "embed": "dedup.semantic"},
           enabled=lambda c: c.dedup.semantic, resources=Resources(cpus=1, gpus=1)),
     Stage("dedup", "dedup", needs=lambda c: {"ingest": None, **_semantic(c)}, resources=Resources(cpus=1, gpus=0.5)),
-    Stage("select", "select", needs=_select_needs, enabled=_select_on, uses=("embed", "cluster"),
+    Stage("select", "select", needs=_select_needs, enabled=_select_on, uses=("embed", "cluster", "faces"),
           resources=Resources(cpus=1, gpus=1)),
     Stage("metadata", "metadata", needs=lambda c: {"ingest": None, "dedup": None, **({"select": None} if _select_on(c) else {})},
-          uses=("embed", "cluster"), resources=Resources(cpus=0.5)),
-    Stage("write", "write", needs=lambda c: {"metadata": None, **({"embed": "write.embeddings"} if c.write.embeddings else {})}),
+          uses=("embed", "cluster", "faces"), resources=Resources(cpus=0.5)),
+    Stage("write", "write", needs=_write_needs),
     Stage("report", "report", needs=lambda c: {"metadata": None, "write": None}),
 )
 ORDER = tuple(stage.name for stage in STAGES)

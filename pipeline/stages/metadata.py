@@ -42,7 +42,7 @@ def finalize_partition(item: dict) -> dict:
 
 def run(ctx) -> None:
     verdict_stage = "select" if ctx.reading("select") else "dedup"
-    extra_stages = [stage for stage in ("embed", "cluster") if ctx.reading(stage)]
+    extra_stages = [stage for stage in ("embed", "cluster", "faces") if ctx.reading(stage)]
     todo = ctx.todo([p.index for p in ctx.partitions])
     items = [
         {

@@ -332,6 +332,33 @@ def dbp_section(inputs: ReportInputs) -> str:
             f'<tbody>{table}</tbody></table></details>')
 
 
+def faces_section(inputs: ReportInputs) -> str:
+    inputs.require_samples("face_count", "faces_blurred")
+    examined, with_faces, faces = inputs.con.execute(
+        "select count(face_count), count(*) filter (where face_count > 0), coalesce(sum(face_count), 0) from samples"
+    ).fetchone()
+    if not examined:
+        raise Missing("no image was examined for faces (faces.enabled is off)")
+    dropped = inputs.scalar("select count(*) from samples where drop_reason = 'has_faces'")
+    blurred = inputs.scalar("select count(*) from samples where kept and faces_blurred")
+    kept_faces = inputs.scalar("select count(*) from samples where kept and face_count > 0")
+    effects = []
+    if inputs.setting("select.faces") == "drop":
+        effects.append(f"{dropped:,} dropped (has_faces)")
+    if inputs.setting("write.blur_faces"):
+        effects.append(f"{blurred:,} published blurred (write.blur_faces)")
+    if not effects:
+        effects.append(f"{kept_faces:,} kept as they are (select.faces keep, write.blur_faces off)")
+    rows = inputs.rows("select least(face_count, 4) as n, count(*) as images from samples "
+                       "where face_count is not null group by 1 order by 1")
+    table = "".join(f'<tr><td class="n">{"4 or more" if r["n"] == 4 else r["n"]}</td><td class="n">{r["images"]:,}</td></tr>'
+                    for r in rows)
+    return (f'<p>{examined:,} images examined, {with_faces:,} images with a face ({_percent(with_faces, examined)}), '
+            f'{faces:,} faces in all. Effect: {esc("; ".join(effects))}.</p>'
+            '<table class="small"><thead><tr><th>faces</th><th>images</th></tr></thead>'
+            f'<tbody>{table}</tbody></table>')
+
+
 def dedup_section(inputs: ReportInputs) -> str:
     inputs.require_samples("drop_reason", "duplicate_of")
     kinds = [r for r in REASON_NAMES if r in DEDUP_REASONS]
@@ -488,6 +515,7 @@ SECTIONS: list[Section] = [
     Section("dfn-scores", "DFN scores", _score_section("dfn_score", "DFN", "select.dfn")),
     Section("dbp", "Density-based pruning", dbp_section),
     Section("dedup", "Duplicates", dedup_section),
+    Section("faces", "Faces", faces_section),
     Section("evaluation", "Evaluation", evaluation_section),
     Section("examples", "Examples", examples_section),
 ]

@@ -1,4 +1,4 @@
-"""Stage 5, select: a DataComp subset, CLIP / DFN score filters, density-based pruning (DBP), then
+"""Stage 5, select: a DataComp subset, images with faces (select.faces), CLIP / DFN score filters, density-based pruning (DBP), then
 a SQL predicate.
 
 Each step sees only the survivors of the steps before it, in the fixed order of docs/algorithms.md
@@ -80,6 +80,21 @@ def subset_local(verdict: pa.Table, item: dict) -> pa.Table:
     uids = verdict.column("uid").to_numpy(zero_copy_only=False)[rows]
     outside = rows[np.array([u not in wanted for u in uids], dtype=bool)]
     return updates(outside, "not_in_subset", [f"uid not in {subset}"] * len(outside))
+
+
+# -- faces (PASS-style) -------------------------------------------------------------------------
+
+def faces_local(verdict: pa.Table, item: dict) -> pa.Table:
+    """Drop survivors in whose image the faces stage found a face; the count is the detail."""
+    counts = read_table(item["params"]["faces"].format(partition=item["partition"]), ["face_count"])
+    values = counts.column("face_count").fill_null(0).to_numpy()
+    rows = survivor_rows(verdict)
+    found = rows[values[rows] > 0]
+    return updates(found, "has_faces", [f"{values[r]} face(s) found" for r in found])
+
+
+def faces_step() -> Step:
+    return Step("faces", decide=lambda run: {"faces": run.ctx.read_pattern("faces")}, local=faces_local)
 
 
 # -- score filters ------------------------------------------------------------------------------
@@ -181,11 +196,13 @@ def where_step(extra_stages: list[str]) -> Step:
 
 
 def run(ctx) -> None:
-    extra_stages = [stage for stage in ("embed", "cluster") if ctx.reading(stage)]
+    extra_stages = [stage for stage in ("embed", "cluster", "faces") if ctx.reading(stage)]
     rules = ctx.config.select
     steps = []
     if rules.subset:
         steps.append(Step("subset", local=subset_local))
+    if rules.faces == "drop":
+        steps.append(faces_step())
     if rules.clip.enabled:
         steps.append(score_step(rules.clip, "clip_score", "clip_score"))
     if rules.dfn.enabled:

@@ -5,7 +5,9 @@ count, which the metadata stage recorded, so the driver never reads a sample: ou
 few slices of partitions' kept rows. Output shards are independent work items and a rerun redoes
 only the missing ones. Each worker reads the metadata of its slices' partitions, fetches a
 sample's members by the byte ranges ingest recorded, checks the image against its recorded
-sha256, writes a tar with fixed headers, re-lists it, and returns what it really wrote.
+sha256, writes a tar with fixed headers, re-lists it, and returns what it really wrote. With
+write.blur_faces an image with a face is the one exception: it is published blurred and
+re-encoded (pipeline.faces.blur_faces), checked against the digest the faces stage recorded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ NAME = "write"
 PLAN_COLUMNS = [
     "uid", "partition", "row", "kept", "sha256", "image_ext", "image_format",
     "image_offset", "image_size", "text_offset", "text_size", "text_sha256", "json_offset", "json_size", "json_sha256",
+    "face_bboxes", "faces_blurred", "blurred_sha256",
 ]
 # The extension an image is published under, from the format its bytes decoded as (a .jpg member
 # holding a PNG is written as .png, so that readers choosing a decoder by extension get it right).
@@ -150,6 +153,30 @@ def published_ext(sample: dict) -> str:
     return sample["image_ext"] if names is None or sample["image_ext"] in names else names[0]
 
 
+def blurred_members(source: str, sample: dict, members: dict) -> dict:
+    """write.blur_faces: the image with its faces blurred (the bytes whose digest the faces stage
+    recorded) and its json telling so; other samples' members as they are."""
+    if not sample.get("faces_blurred"):
+        return members
+    from pipeline.faces import blur_faces, sha256
+
+    image, image_format = blur_faces(members["image"], sample["face_bboxes"])
+    digest = sha256(image)
+    if digest != sample["blurred_sha256"]:
+        raise WriteError(f"shard {source}: sample {sample['uid']}: the blurred image is not the one the faces stage "
+                         f"recorded (sha256 {digest}, recorded {sample['blurred_sha256']}); was Pillow changed between "
+                         "the stages?")
+    try:
+        fields = json.loads(members["json"]) if members["json"] is not None else {}
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        fields = {}  # ingest recorded why in json_error; the published json then holds only what follows
+    fields.update(face_bboxes=sample["face_bboxes"], faces_blurred=True, original_sha256=sample["sha256"], sha256=digest)
+    text = json.dumps(fields, ensure_ascii=False, separators=(", ", ": ")).encode("utf-8")
+    return {**members, "image": image, "json": text, "format": image_format}
+
+
 def _check_unchanged(source: str, sample: dict, members: dict) -> None:
     """Every member written must be the bytes ingest read (the pool may have changed since)."""
     for kind, recorded in (("image", sample["sha256"]), ("text", sample.get("text_sha256")),
@@ -181,7 +208,9 @@ def write_shard(spec: dict, out_url: str, read_block_bytes: int, embedding_urls:
                 fetched = fetch_members(source, samples, block_size=read_block_bytes)
                 for sample, members in zip(samples, fetched):  # pool order within the shard
                     _check_unchanged(source, sample, members)
-                    writer.add(f"{sample['uid']}.{published_ext(sample)}", members["image"])
+                    members = blurred_members(source, sample, members)
+                    ext = published_ext({**sample, "image_format": members["format"]}) if "format" in members else published_ext(sample)
+                    writer.add(f"{sample['uid']}.{ext}", members["image"])
                     writer.add(f"{sample['uid']}.txt", members["text"])
                     if members["json"] is not None:
                         writer.add(f"{sample['uid']}.json", members["json"])

@@ -1,0 +1,120 @@
+"""Stage faces: the faces in every image that can be embedded (docs/algorithms.md section 9).
+
+One task per partition fetches the images by the byte ranges ingest recorded, decodes them (a JPEG
+at reduced scale, no smaller than `faces.max_side`), runs the detector (pipeline.faces) and writes
+`OUTPUT/stages/faces/part-N.parquet`: uid, face_count, face_bboxes, and with write.blur_faces,
+faces_blurred and blurred_sha256 of the image as it will be published. The blur is computed here
+so that the metadata, written before the shards, already holds the published digest; the write
+stage blurs again and checks that it got those bytes.
+
+What the boxes are used for is decided elsewhere: select.faces drops (has_faces), write.blur_faces
+blurs, and the metadata has them either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.io.parquet import read_table, write_table_atomic
+from pipeline.io.shards import fetch_members
+from pipeline.reasons import NOT_EMBEDDED
+from pipeline.schema import METADATA_SCHEMA
+
+NAME = "faces"
+INGEST_COLUMNS = ["uid", "drop_reason", "image_offset", "image_size"]
+FACE_COLUMNS = ["face_count", "face_bboxes", "faces_blurred", "blurred_sha256"]
+CHUNK = 256  # images fetched at a time: bounds what a task holds
+
+
+class FacesError(RuntimeError):
+    pass
+
+
+def config_fingerprint(config) -> dict:
+    return {"faces": config.faces.model_dump(mode="json"), "blur": config.write.blur_faces}
+
+
+def outputs(paths) -> list[str]:
+    return [paths.stage_dir(NAME)]
+
+
+def faces_schema() -> pa.Schema:
+    return pa.schema([pa.field("uid", pa.string())] + [METADATA_SCHEMA.field(name) for name in FACE_COLUMNS])
+
+
+def detect_partition(item: dict, progress=None) -> dict:
+    """Detect the faces of one partition's images; write its faces file; return its counts."""
+    from pipeline.config import FacesConfig
+    from pipeline.faces import FaceDetector, blur_faces, sha256
+
+    detector = FaceDetector.from_config(FacesConfig.model_validate(item["faces"]))
+    table = read_table(item["ingest"], INGEST_COLUMNS)
+    columns = table.to_pydict()
+    n = table.num_rows
+    counts: list[int | None] = [None] * n
+    boxes: list[list | None] = [None] * n
+    blurred: list[bool | None] = [None] * n
+    digests: list[str | None] = [None] * n
+    rows = [i for i, reason in enumerate(columns["drop_reason"]) if reason not in NOT_EMBEDDED]
+    for start in range(0, len(rows), CHUNK):
+        picked = rows[start:start + CHUNK]
+        samples = [{"uid": columns["uid"][i], "image_offset": columns["image_offset"][i],
+                    "image_size": columns["image_size"][i]} for i in picked]
+        fetched = fetch_members(item["source"], samples, kinds=("image",), block_size=item["block_size"])
+        for row, sample, members in zip(picked, samples, fetched):
+            try:
+                found = detector.detect_bytes(members["image"])
+            except Exception as exc:
+                raise FacesError(f"shard {item['source']}: sample {sample['uid']}: the image ingest decoded does "
+                                 f"not decode now (the shard changed since ingest?): {type(exc).__name__}: {exc}") from exc
+            counts[row], boxes[row] = len(found), found
+            if item["blur"]:
+                blurred[row] = bool(found)
+                if found:
+                    digests[row] = sha256(blur_faces(members["image"], found)[0])
+        if progress is not None:
+            progress(samples=len(picked))
+    out = pa.Table.from_arrays(
+        [table.column("uid"), pa.array(counts, pa.int32()), pa.array(boxes, METADATA_SCHEMA.field("face_bboxes").type),
+         pa.array(blurred, pa.bool_()), pa.array(digests, pa.string())],
+        schema=faces_schema(),
+    )
+    write_table_atomic(out, item["out"])
+    examined = [c for c in counts if c is not None]
+    return {"partition": item["partition"], "samples": n, "examined": len(examined),
+            "with_faces": int(np.count_nonzero(examined)), "faces": int(sum(examined))}
+
+
+def run(ctx) -> None:
+    from pipeline.ray_adapter import map_items
+
+    items = [
+        {
+            "partition": i,
+            "ingest": ctx.read("ingest", i),
+            "source": ctx.partitions[i].url,
+            "out": ctx.paths.stage_part(NAME, i),
+            "faces": ctx.config.faces.model_dump(mode="json"),
+            "blur": ctx.config.write.blur_faces,
+            "block_size": ctx.config.write.read_block_bytes,
+        }
+        for i in ctx.todo([p.index for p in ctx.partitions])
+    ]
+    progress = ctx.progress(sum(_examinable(ctx, item["partition"]) for item in items))
+    for result in map_items(detect_partition, items, num_cpus=ctx.resources.cpus, progress=progress):
+        ctx.partition_done(result.pop("partition"), result)
+    stats = ctx.record.counts.get("partitions", {}).values()
+    ctx.record.samples_in = sum(s["samples"] for s in stats)
+    ctx.record.samples_out = ctx.record.samples_in
+    ctx.record.counts.update(examined=sum(s["examined"] for s in stats), with_faces=sum(s["with_faces"] for s in stats),
+                             faces=sum(s["faces"] for s in stats))
+
+
+def _examinable(ctx, partition: int) -> int:
+    """Images the partition's task will examine, from ingest's counts in the manifest."""
+    record = ctx.manifest.stage("ingest")
+    stats = (record.counts.get("partitions", {}) if record is not None else {}).get(str(partition))
+    if stats is None:
+        return 0
+    return stats["samples"] - sum(n for reason, n in stats["reasons"].items() if reason in NOT_EMBEDDED)
