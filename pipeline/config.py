@@ -323,6 +323,11 @@ class FacesConfig(Section):
     face_bboxes; select.faces and write.blur_faces decide what is done with them."""
 
     enabled: bool = Field(False, description="Detect faces in every image that can be embedded (the faces stage).")
+    source: Literal["detect", "provided"] = Field(
+        "detect",
+        description="detect: run the detector. provided: take the face_bboxes column of embed.provided's DataComp "
+        "metadata (DataComp ships one for every sample) and run no detector.",
+    )
     min_face_px: int = Field(
         24, ge=1,
         description="Smallest face side, in the image's own pixels, that is reported. The cascade's window is 24 "
@@ -438,6 +443,8 @@ class CurateConfig(Section):
         if provided is not None and self.dfn.model is not None:
             raise ValueError("dfn.model with embed.provided: the DFN scorer runs inside a model pass; "
                              "give its scores as embed.provided.dfn_score instead")
+        if self.faces.enabled and self.faces.source == "provided" and provided is None:
+            raise ValueError("faces.source provided: the boxes come with DataComp metadata, set embed.provided")
         has_dfn = self.dfn.model is not None or (provided is not None and provided.dfn_score is not None)
         if self.select.dfn.enabled and not has_dfn:
             raise ValueError("select.dfn needs a DFN scorer: set dfn.model (or embed.provided.dfn_score)")

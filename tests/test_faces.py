@@ -125,9 +125,13 @@ def face_pool(tmp_path_factory):
         members = []
         for key, data, ext in samples:
             members += [(f"{key}.{ext}", data), (f"{key}.txt", CAPTION),
-                        (f"{key}.json", json.dumps({"key": key, "caption": CAPTION.decode()}).encode())]
+                        (f"{key}.json", json.dumps({"uid": uid_of(key), "key": key, "caption": CAPTION.decode()}).encode())]
         (pool / f"{shard:08d}.tar").write_bytes(make_tar(members))
     return pool
+
+
+def uid_of(key: str) -> str:
+    return hashlib.md5(key.encode()).hexdigest()
 
 
 def blocks_jpeg(seed: int) -> bytes:
@@ -189,3 +193,33 @@ def test_blur_reencodes_only_images_with_a_face(face_pool, tmp_path):
     again = tmp_path / "again"
     run_pipeline(run_config(face_pool, again, faces={"enabled": True}, write={"blur_faces": True}))
     assert shard_files(again) == files  # same input and config: the same bytes
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_datacomp_face_bboxes_are_taken_instead_of_detecting(face_pool, tmp_path):
+    """DataComp metadata ships face_bboxes: with faces.source provided they are what the run uses
+    (here a box on coffee.png and none on hopper, unlike the detector), and what it blurs."""
+    import pyarrow as pa
+
+    from pipeline.io.datacomp import write_metadata
+
+    keys = ["astronaut", "coffee", "hopper", "rocket", "chelsea"] + [f"synthetic{i}" for i in range(5)]
+    given = {"astronaut": [[0.35, 0.13, 0.53, 0.32]], "coffee": [[0.1, 0.1, 0.3, 0.3]]}
+    vectors = np.random.default_rng(0).normal(size=(len(keys), 2, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
+    table = pa.table({"uid": [uid_of(k) for k in keys], "clip_l14_similarity_score": np.full(len(keys), 0.3, np.float32),
+                      "face_bboxes": pa.array([given.get(k, []) for k in keys], pa.list_(pa.list_(pa.float64())))})
+    metadata = tmp_path / "metadata"
+    metadata.mkdir()
+    write_metadata(str(metadata / "part0.parquet"), table, {"l14_img": vectors[:, 0], "l14_txt": vectors[:, 1]})
+    out = tmp_path / "provided"
+    run_pipeline(run_config(face_pool, out, embed={"provided": {"metadata": str(metadata)}},
+                            faces={"enabled": True, "source": "provided"}, write={"blur_faces": True}))
+    meta = read_metadata(out).to_pandas().set_index("key")
+    assert {k: [list(b) for b in meta.loc[k, "face_bboxes"]] for k in keys if meta.loc[k, "face_count"]} == given
+    assert sorted(meta.index[meta.faces_blurred.fillna(False).astype(bool)]) == ["astronaut", "coffee"]
+    files = shard_files(out)
+    coffee = next(data for name, data in files.items() if name.startswith(uid_of("coffee") + ".") and name.endswith(".png"))
+    assert hashlib.sha256(coffee).hexdigest() == meta.loc["coffee", "blurred_sha256"]
+    hopper = next(data for name, data in files.items() if name.startswith(uid_of("hopper") + ".jpg"))
+    assert hashlib.sha256(hopper).hexdigest() == meta.loc["hopper", "sha256"]  # no box given: untouched

@@ -80,6 +80,11 @@ def _write_needs(config) -> Needs:
     return needs
 
 
+def faces_provided(config) -> bool:
+    """The faces come with embed.provided's DataComp metadata (its face_bboxes), not from the detector."""
+    return config.faces.enabled and config.faces.source == "provided"
+
+
 def _semantic(config) -> Needs:
     return {"embed": "dedup.semantic", "cluster": "dedup.semantic"} if config.dedup.semantic else {}
 
@@ -88,7 +93,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingest", needs=lambda c: {}),
     Stage("embed", "embed", needs=lambda c: {"ingest": None}, enabled=lambda c: c.embed.enabled,
           resources=Resources(cpus=1, gpus=1)),
-    Stage("faces", "faces", needs=lambda c: {"ingest": None}, enabled=lambda c: c.faces.enabled,
+    Stage("faces", "faces", needs=lambda c: {"ingest": None, **({"embed": "faces.source"} if faces_provided(c) else {})},
+          enabled=lambda c: c.faces.enabled,
           resources=Resources(cpus=1)),
     Stage("cluster", "cluster", needs=lambda c: {"ingest": None, "embed": "dedup.semantic"},
           enabled=lambda c: c.dedup.semantic, resources=Resources(cpus=1, gpus=1)),

@@ -60,6 +60,10 @@ def config_fingerprint(config) -> dict:
         "embed": config.embed.model_dump(mode="json", exclude=_PERFORMANCE_FIELDS),
         "dfn": config.dfn.model_dump(mode="json"),
     }
+    from pipeline.stages import faces_provided
+
+    if faces_provided(config):
+        payload["face_bboxes"] = True  # embed.provided also copies the metadata's face_bboxes
     try:
         specs = models.config_specs(config)
     except models.ModelSpecError:

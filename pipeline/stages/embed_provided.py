@@ -168,8 +168,9 @@ def join(ctx, files: list[str], todo: list[int], metadata_rows: int) -> None:
 # -- then: each partition's embeddings from its metadata rows -----------------------------------
 
 def provided_partition(item: dict, files: list[str], embeddings: str, clip_score: str, dfn_score: str | None,
-                       dim: int) -> dict:
-    """One partition's embeddings table: its ingest rows, with the metadata rows its locations name."""
+                       dim: int, face_bboxes: bool = False) -> dict:
+    """One partition's embeddings table: its ingest rows, with the metadata rows its locations name
+    (and their face_bboxes, for the faces stage, with faces.source provided)."""
     image_array, text_array = EMBEDDING_ARRAYS[embeddings]
     columns = [clip_score] + ([dfn_score] if dfn_score else [])
     ingest = read_table(item["ingest"], ["uid", "drop_reason"])
@@ -203,8 +204,32 @@ def provided_partition(item: dict, files: list[str], embeddings: str, clip_score
         "clip_score": clip,
         "dfn_score": dfn if dfn_score else None,
     }
-    write_table_atomic(assemble(ingest.column("uid"), [result], dim), item["out"])
+    table = assemble(ingest.column("uid"), [result], dim)
+    if face_bboxes:
+        table = table.append_column("face_bboxes", provided_boxes(files, file_of, row_of, rows, ingest.num_rows))
+    write_table_atomic(table, item["out"])
     return {"partition": item["partition"], "samples": ingest.num_rows, "embedded": n, "with_text": len(text_pos)}
+
+
+def provided_boxes(files: list[str], file_of: np.ndarray, row_of: np.ndarray, rows: np.ndarray, n: int) -> pa.ChunkedArray:
+    """The metadata's face_bboxes of the embedded rows, as the faces stage reads them (null elsewhere)."""
+    from pipeline.schema import METADATA_SCHEMA
+
+    kind = METADATA_SCHEMA.field("face_bboxes").type
+    boxes: list = [None] * n
+    for number in np.unique(file_of):
+        mine = np.flatnonzero(file_of == number)
+        with fs.open_input(files[number]) as handle:
+            schema = pq.read_schema(handle)
+            if "face_bboxes" not in schema.names:
+                raise EmbedError(f"{files[number]} has no face_bboxes column: faces.source provided needs one "
+                                 "(set faces.source: detect to run the detector)")
+        with fs.open_input(files[number]) as handle:
+            column = pq.read_table(handle, columns=["face_bboxes"]).column("face_bboxes")
+        values = column.take(pa.array(row_of[mine])).cast(kind).to_pylist()
+        for at, value in zip(rows[mine], values):
+            boxes[at] = [] if value is None else value
+    return pa.chunked_array([pa.array(boxes, kind)])
 
 
 def _locations(item: dict, expected: int) -> pa.Table:
@@ -262,8 +287,10 @@ def embed_partitions(ctx, files: list[str], todo: list[int], dim: int) -> None:
     join(ctx, files, todo, metadata_rows)
     items = [{"partition": p, "ingest": ctx.read("ingest", p), "out": ctx.paths.stage_part(NAME, p),
               "locations": fs.join(locations_dir(ctx.paths), f"part-{p:06d}.parquet")} for p in todo]
+    from pipeline.stages import faces_provided
+
     kwargs = {"files": files, "embeddings": provided.embeddings, "clip_score": provided.clip_score,
-              "dfn_score": provided.dfn_score, "dim": dim}
+              "dfn_score": provided.dfn_score, "dim": dim, "face_bboxes": faces_provided(ctx.config)}
     for result in map_items(provided_partition, items, worker_kwargs=kwargs, num_cpus=1, timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result["partition"], {k: result[k] for k in ("samples", "embedded", "with_text")})
     fs.remove_tree(ctx.paths.stage_dir(NAME))
