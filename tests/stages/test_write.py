@@ -155,6 +155,8 @@ def _metadata_file(path, partition, kept):
         "kept": [kept[row] for row in rows], "sha256": ["0" * 64] * len(rows), "image_ext": ["jpg"] * len(rows),
         "image_format": ["JPEG"] * len(rows), "text_sha256": ["1" * 64] * len(rows), "json_sha256": ["2" * 64] * len(rows),
         **{f"{kind}_{field}": rows for kind in ("image", "text", "json") for field in ("offset", "size")},
+        "face_bboxes": pa.nulls(len(rows), pa.list_(pa.list_(pa.float64()))), "faces_blurred": pa.nulls(len(rows), pa.bool_()),
+        "blurred_sha256": pa.nulls(len(rows), pa.string()),
     })
     pq.write_table(table, path)
     return str(path)
