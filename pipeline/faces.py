@@ -132,8 +132,8 @@ def blur_faces(data: bytes, boxes) -> tuple[bytes, str]:
 
     Only pixels inside the boxes change. A JPEG stays a JPEG (quality 95, its ICC profile and EXIF
     kept), which re-quantises the whole image: outside the boxes pixels move by a few levels. Every
-    other format is written as PNG, losslessly, so outside the boxes they are identical (an image
-    in a mode PNG-as-RGB(A) cannot hold, a palette or 16-bit one, is converted to RGB(A) first).
+    other format is written as PNG, losslessly, so outside the boxes they are identical (a palette
+    image is written as RGB(A) with the same colours; a 16-bit one loses its low bits).
     """
     from PIL import Image, ImageFilter
 
