@@ -1,5 +1,5 @@
-"""Stage 5, select: a DataComp subset, images with faces (select.faces), CLIP / DFN score filters, density-based pruning (DBP), then
-a SQL predicate.
+"""Stage 5, select: a DataComp subset, images with faces (select.faces), CLIP / DFN score filters,
+density-based pruning (DBP), then a SQL predicate.
 
 Each step sees only the survivors of the steps before it, in the fixed order of docs/algorithms.md
 section 7, and runs as a decision step (pipeline.stages.steps): a threshold, the subset and the
