@@ -131,7 +131,8 @@ def run(ctx) -> None:
         for i in ctx.todo([p.index for p in ctx.partitions])
     ]
     progress = ctx.progress(0 if faces_provided(ctx.config) else sum(_examinable(ctx, i["partition"]) for i in items))
-    for result in map_items(detect_partition, items, num_cpus=ctx.resources.cpus, progress=progress):
+    for result in map_items(detect_partition, items, num_cpus=ctx.resources.cpus, progress=progress,
+                            timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result.pop("partition"), result)
     stats = ctx.record.counts.get("partitions", {}).values()
     ctx.record.samples_in = sum(s["samples"] for s in stats)
