@@ -216,6 +216,13 @@ class EmbedConfig(Section):
         None, description="Take embeddings and scores from DataComp-style metadata instead of running a model "
         "(set instead of model)."
     )
+    store_dims: int | None = Field(
+        None, ge=1,
+        description="Store only the first this many dimensions of the image and text embeddings (OUTPUT/embeddings, "
+        "and the shards' with write.embeddings), renormalised: Matryoshka storage. clip_score and dfn_score are "
+        "computed from the full embeddings first. null: store them whole. cluster.dims and select.dbp.dims can "
+        "ask for at most this many.",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -244,7 +251,32 @@ class DfnConfig(Section):
     )
 
 
-class ClusterConfig(Section):
+class ReducedDims(Section):
+    """The embedding space a clustering works in (docs/algorithms.md section 3.1): the dedup clustering's
+    (cluster.*) is also the space SemDeDup compares in; DBP's (select.dbp.*) is its own."""
+
+    dims: int | None = Field(
+        None, ge=1,
+        description="Dimensions to cluster in: the image embedding reduced to this many (by `reduce`) and "
+        "renormalised. null: the full stored embedding (as does its full width with truncate). At most the "
+        "model's embedding dimension and embed.store_dims.",
+    )
+    reduce: Literal["truncate", "pca"] = Field(
+        "truncate",
+        description="How to reduce to `dims`: truncate keeps the first dims coordinates (Matryoshka truncation); "
+        "pca projects onto the dims principal components of the k-means training sample, saved beside the "
+        "centroids (NAME.pca.npy) and applied the same way at assignment and in later top-ups. Default "
+        "truncate (with dims null: no reduction).",
+    )
+
+    @model_validator(mode="after")
+    def _pca_has_dims(self):
+        if self.reduce == "pca" and self.dims is None:
+            raise ValueError("reduce pca needs dims, the number of principal components to keep")
+        return self
+
+
+class ClusterConfig(ReducedDims):
     """Spherical k-means of image embeddings into fine clusters, inside which SemDeDup compares."""
 
     k: int | None = Field(None, ge=1, description="Clusters; null: one per `samples_per_cluster` samples to cluster (those that survived ingest with an embedding), capped at the training sample's size.")
@@ -294,7 +326,7 @@ class ScoreFilterConfig(Section):
         return self.threshold is not None or self.fraction is not None
 
 
-class DbpConfig(Section):
+class DbpConfig(ReducedDims):
     """Density-based pruning by concept-cluster complexity (docs/algorithms.md section 6)."""
 
     enabled: bool = False
@@ -445,6 +477,11 @@ class CurateConfig(Section):
                              "give its scores as embed.provided.dfn_score instead")
         if self.faces.enabled and self.faces.source == "provided" and provided is None:
             raise ValueError("faces.source provided: the boxes come with DataComp metadata, set embed.provided")
+        stored = self.embed.store_dims
+        for option, section in (("cluster", self.cluster), ("select.dbp", self.select.dbp)):
+            if stored is not None and section.dims is not None and section.dims > stored:
+                raise ValueError(f"{option}.dims={section.dims} exceeds embed.store_dims={stored}: the stored "
+                                 f"embeddings keep only {stored} dimensions")
         has_dfn = self.dfn.model is not None or (provided is not None and provided.dfn_score is not None)
         if self.select.dfn.enabled and not has_dfn:
             raise ValueError("select.dfn needs a DFN scorer: set dfn.model (or embed.provided.dfn_score)")

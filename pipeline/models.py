@@ -303,7 +303,21 @@ def preflight(config) -> dict[str, ModelSpec]:
         if spec.kind == "random":
             log.warning("%s.pretrained is null: %s runs with random weights (seed %d)", section, spec.model, RANDOM_INIT_SEED)
     check_weights_available(specs)
+    check_dims(config, specs)
     return specs
+
+
+def check_dims(config, specs: dict[str, ModelSpec]) -> None:
+    """Reduced dimensions the embedder cannot give fail before any work, naming the option."""
+    asked = [(option, dims) for option, dims in (("embed.store_dims", config.embed.store_dims),
+                                                  ("cluster.dims", config.cluster.dims),
+                                                  ("select.dbp.dims", config.select.dbp.dims)) if dims is not None]
+    if not asked or "embed" not in specs:
+        return
+    dim = embed_dim(specs["embed"])
+    for option, dims in asked:
+        if dims > dim:
+            raise ModelSpecError(f"{option}={dims} exceeds the {dim}-d embeddings of embed.model {specs['embed'].model}")
 
 
 def weights_identity(spec: ModelSpec) -> dict:

@@ -3,7 +3,8 @@
 Training runs once, on a seeded sample of the embeddings of samples that survived ingest and the
 basic filter, as a Ray task (GPU when the cluster has one); assignment of every embedded sample
 runs per partition in parallel. Centroids are saved so a later run can assign to them instead of
-training (`cluster.centroids`, or a reference run's).
+training (`cluster.centroids`, or a reference run's). With cluster.dims the embeddings are reduced
+first (pipeline.stages.reduction); SemDeDup then compares in the same reduced space.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
 from pipeline.stages import training_sample
+from pipeline.stages.reduction import Space, projection_url, stored_width
 from pipeline.stages.training_sample import stacked, vectors_table
 
 log = logging.getLogger("curate")
@@ -29,11 +31,19 @@ CLUSTER_SCHEMA = pa.schema([("uid", pa.string()), ("cluster", pa.int32()), ("dis
 
 
 def config_fingerprint(config) -> dict:
-    return {"cluster": config.cluster.model_dump(mode="json")}
+    # the reduction's options at their defaults change nothing: left out, so earlier runs resume
+    unreduced = {"dims", "reduce"} if config.cluster.dims is None else set()
+    return {"cluster": config.cluster.model_dump(mode="json", exclude=unreduced)}
 
 
 def outputs(paths) -> list[str]:
-    return [paths.stage_dir(NAME), paths.url("clusters", CENTROIDS), paths.url("clusters", "dedup.parquet")]
+    return [paths.stage_dir(NAME), paths.url("clusters", CENTROIDS), projection_url(paths.url("clusters", CENTROIDS)),
+            paths.url("clusters", "dedup.parquet")]
+
+
+def space(config, paths) -> Space:
+    """The space the dedup clustering and SemDeDup work in."""
+    return Space.of("cluster", config.cluster, paths.url("clusters", CENTROIDS))
 
 
 def save_centroids(centroids: np.ndarray, url: str) -> None:
@@ -65,7 +75,7 @@ def sample_vectors(item: dict) -> pa.Table:
     """The embeddings of this partition's sampled rows (picks: positions among its eligible rows)."""
     rows = eligible_rows(item)[np.asarray(item["picks"], dtype=np.int64)]
     present, matrix = read_vectors(item["embed"])
-    return vectors_table(matrix[(np.cumsum(present) - 1)[rows]])
+    return vectors_table(item["space"].for_sample(matrix[(np.cumsum(present) - 1)[rows]]))
 
 
 def train(config, centroids_url: str, eligible: int, *samples: pa.Table) -> dict:
@@ -78,6 +88,7 @@ def train(config, centroids_url: str, eligible: int, *samples: pa.Table) -> dict
     sample = stacked(samples)
     if len(sample) == 0:
         raise ValueError("no embedded samples survived ingest and the basic filter: nothing to cluster")
+    sample = Space.of("cluster", settings, centroids_url).fit(sample)
     k = settings.k or max(1, round(eligible / settings.samples_per_cluster))
     if k > len(sample):
         log.warning("cluster.k=%d exceeds the %d training samples; using k=%d", k, len(sample), len(sample))
@@ -106,7 +117,7 @@ def assign_partition(item: dict) -> dict:
     cluster = np.full(len(present), -1, np.int32)
     dist = np.full(len(present), np.nan, np.float32)
     if len(matrix):
-        cluster[present], dist[present] = assign_to_centroids(matrix, centroids)
+        cluster[present], dist[present] = assign_to_centroids(item["space"].apply(matrix), centroids)
     table = pa.table(
         {
             "uid": uids,
@@ -125,21 +136,28 @@ def run(ctx) -> None:
     embed_urls = {i: ctx.read("embed", i) for i in indices}
     centroids_url = ctx.paths.url("clusters", CENTROIDS)
     settings = ctx.config.cluster
+    reduced = space(ctx.config, ctx.paths)
+    stored = stored_width(embed_urls[indices[0]])
+    reduced.check(stored, "the stored image embeddings")
     # An incremental run assigns to its reference's centroids, so clusters mean the same every day.
     given = settings.centroids or (ctx.reference.artifact("clusters", CENTROIDS) if ctx.reference else None)
     if given is not None:
         if not fs.exists(centroids_url):
-            save_centroids(load_centroids(given), centroids_url)
+            centroids = load_centroids(given)
+            reduced.check_centroids(centroids, stored, given)
+            reduced.copy_from(given)
+            save_centroids(centroids, centroids_url)
         ctx.record.counts["centroids_from"] = given
     elif not fs.exists(centroids_url):
-        sources = [{"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i]} for i in indices]
+        sources = [{"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "space": reduced}
+                   for i in indices]
         counts = {r["partition"]: r["count"] for r in map_items(count_eligible, sources, num_cpus=1, timeout_s=ctx.item_timeout_s)}
         samples, _ = training_sample.gather(sources, counts, settings.max_train_points, settings.seed, sample_vectors)
         gpus = gpus_per_worker(ctx.resources)
         ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, sum(counts.values()), *samples, num_gpus=gpus))
     items = [
         {"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "centroids": centroids_url,
-         "out": ctx.paths.stage_part(NAME, i)}
+         "out": ctx.paths.stage_part(NAME, i), "space": reduced}
         for i in ctx.todo(indices)
     ]
     for result in map_items(assign_partition, items, num_cpus=1, timeout_s=ctx.item_timeout_s):
@@ -157,3 +175,5 @@ def run(ctx) -> None:
     )
     ctx.record.samples_in = ctx.record.samples_out = int(sum(s["samples"] for s in stats))
     ctx.record.counts["k"] = int(len(sizes))
+    if reduced.reduces:
+        ctx.record.counts["dims"] = {"dims": reduced.dims, "reduce": reduced.method, "stored": stored}

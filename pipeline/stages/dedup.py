@@ -27,6 +27,8 @@ from pipeline.io.parquet import read_table
 from pipeline.io.reference import ReferencePart, published_with_embeddings
 from pipeline.ray_adapter import gpus_per_worker, run_remote
 from pipeline.ray_shuffle import group_map, map_to_refs, shuffle_map
+from pipeline.stages import cluster
+from pipeline.stages.reduction import stored_width
 from pipeline.stages.steps import (Step, StepRun, integer_buckets, run_steps, shuffle_decide, string_buckets,
                                    with_partition, write_partition_updates, updates_writer)
 
@@ -300,7 +302,9 @@ def phash_step(reference) -> Step:
 
 def survivors_by_cluster(item: dict) -> dict:
     """One partition's survivors (or a reference part's published samples) with their cluster,
-    distance to its centroid, image embedding and where they lie (partition, row)."""
+    distance to its centroid, image embedding (in the dedup clustering's space) and where they lie
+    (partition, row)."""
+    space = item["space"]
     if item["kind"] == "reference":
         part = ReferencePart(item["run"], item["metadata"], item["embeddings"] or None)
         table, matrix = published_with_embeddings(part, ["uid", "cluster", "dist_to_centroid"])
@@ -311,7 +315,7 @@ def survivors_by_cluster(item: dict) -> dict:
             "cluster": table.column("cluster").to_numpy().astype(np.int64),
             "uid": table.column("uid").to_numpy(zero_copy_only=False).astype(str),
             "dist": table.column("dist_to_centroid").to_numpy().astype(np.float32),
-            "embedding": matrix,
+            "embedding": space.apply(matrix, f"the embeddings of reference run {item['run']}"),
             "published": np.ones(n, dtype=bool),
             "partition": np.full(n, PUBLISHED, np.int64), "row": np.full(n, -1, np.int64),
         }
@@ -326,7 +330,7 @@ def survivors_by_cluster(item: dict) -> dict:
         "cluster": clusters.column("cluster").to_numpy(zero_copy_only=False)[rows].astype(np.int64),
         "uid": verdict.column("uid").to_numpy(zero_copy_only=False)[rows].astype(str),
         "dist": clusters.column("dist_to_centroid").to_numpy(zero_copy_only=False)[rows].astype(np.float32),
-        "embedding": matrix[position[rows]] if len(rows) else np.empty((0, matrix.shape[1] if matrix.ndim == 2 else 1), np.float32),
+        "embedding": space.apply(matrix[position[rows]]),
         "published": np.zeros(len(rows), dtype=bool),
         "partition": np.full(len(rows), item["partition"], np.int64), "row": rows.astype(np.int64),
     }
@@ -358,13 +362,17 @@ def semdedup_group(batch: dict, eps: float, block_size: int, device: str) -> pa.
 def semantic_step(reference) -> Step:
     def decide(run: StepRun) -> dict:
         settings = run.config.dedup
+        space = cluster.space(run.config, run.ctx.paths)  # SemDeDup compares where the clusters were found
         items = [{"kind": "new", "partition": i, "verdict": url, "cluster": run.ctx.read("cluster", i),
-                  "embed": run.ctx.read("embed", i), "run": "", "metadata": "", "embeddings": ""}
+                  "embed": run.ctx.read("embed", i), "run": "", "metadata": "", "embeddings": "", "space": space}
                  for i, url in sorted(run.inputs.items())]
         if reference is not None:
+            parts = reference.parts()
             items += [{"kind": "reference", "partition": PUBLISHED, "verdict": "", "cluster": "", "embed": "",
-                       "run": part.run, "metadata": part.metadata, "embeddings": part.embeddings or ""}
-                      for part in reference.parts()]
+                       "run": part.run, "metadata": part.metadata, "embeddings": part.embeddings or "", "space": space}
+                      for part in parts]
+            for part in {part.run: part for part in parts if part.embeddings}.values():
+                space.check(stored_width(part.embeddings), f"the embeddings of reference run {part.run}")
         gpus = gpus_per_worker(run.ctx.resources)
         device = "cuda" if gpus else "cpu"
         kwargs = {"eps": settings.semantic_eps, "block_size": settings.block_size, "device": device}

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from pipeline.algorithms.reduce import truncate
+from pipeline.config import UserError
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.io.shards import fetch_members
 from pipeline.reasons import NO_TEXT, NOT_EMBEDDED
@@ -56,8 +58,10 @@ class EmbedError(RuntimeError):
 def config_fingerprint(config) -> dict:
     from pipeline import models  # open_clip and torch: imported where a model is needed, not by the provided path
 
+    # store_dims null (whole embeddings) is left out, so runs from before the option resume
+    unchanged = _PERFORMANCE_FIELDS | ({"store_dims"} if config.embed.store_dims is None else set())
     payload = {
-        "embed": config.embed.model_dump(mode="json", exclude=_PERFORMANCE_FIELDS),
+        "embed": config.embed.model_dump(mode="json", exclude=unchanged),
         "dfn": config.dfn.model_dump(mode="json"),
     }
     from pipeline.stages import faces_provided
@@ -532,33 +536,50 @@ def embeddings_schema(dim: int) -> pa.Schema:
     ])
 
 
-def assemble(uids: pa.ChunkedArray | pa.Array, results: list[dict], dim: int) -> pa.Table:
-    """One partition's embeddings table: every ingest row in order, nulls where not embedded."""
+def stored_dims(dim: int, store_dims: int | None) -> int:
+    """The width the embeddings are stored with: embed.store_dims, at most the model's `dim`."""
+    if store_dims is None:
+        return dim
+    if store_dims > dim:
+        raise UserError(f"embed.store_dims={store_dims} exceeds the embedder's {dim}-d embeddings")
+    return store_dims
+
+
+def _stored(vectors: np.ndarray, width: int) -> np.ndarray:
+    """Embeddings as stored: the first `width` dimensions, renormalised (Matryoshka truncation)."""
+    return vectors if width == vectors.shape[1] else truncate(vectors, width).astype(np.float16)
+
+
+def assemble(uids: pa.ChunkedArray | pa.Array, results: list[dict], dim: int, width: int | None = None) -> pa.Table:
+    """One partition's embeddings table: every ingest row in order, nulls where not embedded. The
+    results are `dim` wide (their scores come from the whole embeddings); the table keeps `width`
+    dimensions of them (embed.store_dims; None: all)."""
     n = len(uids)
-    image = np.zeros((n, dim), np.float16)
-    text = np.zeros((n, dim), np.float16)
+    width = dim if width is None else width
+    image = np.zeros((n, width), np.float16)
+    text = np.zeros((n, width), np.float16)
     has_image, has_text, has_dfn = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     clip, dfn = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for result in results:
         rows = np.asarray(result["rows"], dtype=np.int64)
         if result["image_embedding"].shape[1] != dim:
             raise EmbedError(f"the model gives {result['image_embedding'].shape[1]}-d embeddings, expected {dim}")
-        image[rows], has_image[rows] = result["image_embedding"], True
+        image[rows], has_image[rows] = _stored(result["image_embedding"], width), True
         if result["text_embedding"] is not None:
             text_rows = rows[np.asarray(result["text_pos"], dtype=np.int64)]
-            text[text_rows], has_text[text_rows] = result["text_embedding"], True
+            text[text_rows], has_text[text_rows] = _stored(result["text_embedding"], width), True
             clip[text_rows] = result["clip_score"]
             if result["dfn_score"] is not None:
                 dfn[text_rows], has_dfn[text_rows] = result["dfn_score"], True
     return pa.Table.from_arrays(
         [
             uids if isinstance(uids, pa.ChunkedArray) else pa.chunked_array([uids]),
-            _vectors(image, has_image, dim),
-            _vectors(text, has_text, dim),
+            _vectors(image, has_image, width),
+            _vectors(text, has_text, width),
             pa.array(clip, mask=~has_text),
             pa.array(dfn, mask=~has_dfn),
         ],
-        schema=embeddings_schema(dim),
+        schema=embeddings_schema(width),
     )
 
 
@@ -578,7 +599,7 @@ def embeddable_total(ctx) -> int:
     return total
 
 
-def record_totals(ctx, models_used: dict, device: str, dim: int) -> None:
+def record_totals(ctx, models_used: dict, device: str, dim: int, width: int | None = None) -> None:
     """The stage's totals over every partition, this run's and those done before a resume."""
     stats = ctx.record.counts.get("partitions", {}).values()
     ctx.record.samples_in = sum(s["samples"] for s in stats)
@@ -591,6 +612,8 @@ def record_totals(ctx, models_used: dict, device: str, dim: int) -> None:
         device=device,
         dim=dim,
     )
+    if width is not None and width != dim:
+        ctx.record.counts["stored_dims"] = width
 
 
 @dataclass
@@ -616,6 +639,7 @@ def run(ctx) -> None:
     cfg = ctx.config.embed
     specs = models.config_specs(ctx.config)
     dim = models.embed_dim(specs["embed"])
+    width = stored_dims(dim, cfg.store_dims)
     res = plan_resources(cfg, cluster_cpus(), cluster_gpus())
     log.info("embed: %s; %d %s actor(s) x %.2g CPUs (%d threads), %d decode slots x %.2g CPUs",
              models.describe(models.unique_specs(specs).values()), res.actors, res.device, res.actor_cpus,
@@ -623,7 +647,7 @@ def run(ctx) -> None:
     open_parts: dict[int, _Partition] = {}
 
     def finish(partition: int, part: _Partition) -> None:
-        table = assemble(part.uids, part.results, dim)
+        table = assemble(part.uids, part.results, dim, width)
         write_table_atomic(table, ctx.paths.stage_part(NAME, partition))
         embedded = sum(len(r["rows"]) for r in part.results)
         with_text = sum(len(r["text_pos"]) for r in part.results)
@@ -663,4 +687,4 @@ def run(ctx) -> None:
             finish(result["partition"], open_parts.pop(result["partition"]))
     if open_parts:
         raise EmbedError(f"partitions {sorted(open_parts)} did not get all their work items back")
-    record_totals(ctx, {role: spec.label for role, spec in specs.items()}, res.device, dim)
+    record_totals(ctx, {role: spec.label for role, spec in specs.items()}, res.device, dim, width)

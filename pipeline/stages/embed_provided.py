@@ -29,7 +29,7 @@ from pipeline.io.datacomp import (EMBEDDING_ARRAYS, SUBSET_DTYPE, halves_to_uid,
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import map_items, run_remote
 from pipeline.ray_shuffle import fetch, map_to_refs, shuffle_map
-from pipeline.stages.embed import NAME, EmbedError, assemble, embeddable, embeddable_total, record_totals
+from pipeline.stages.embed import NAME, EmbedError, assemble, embeddable, embeddable_total, record_totals, stored_dims
 from pipeline.stages.steps import integer_buckets
 
 log = logging.getLogger("curate")
@@ -168,7 +168,7 @@ def join(ctx, files: list[str], todo: list[int], metadata_rows: int) -> None:
 # -- then: each partition's embeddings from its metadata rows -----------------------------------
 
 def provided_partition(item: dict, files: list[str], embeddings: str, clip_score: str, dfn_score: str | None,
-                       dim: int, face_bboxes: bool = False) -> dict:
+                       dim: int, width: int, face_bboxes: bool = False) -> dict:
     """One partition's embeddings table: its ingest rows, with the metadata rows its locations name
     (and their face_bboxes, for the faces stage, with faces.source provided)."""
     image_array, text_array = EMBEDDING_ARRAYS[embeddings]
@@ -204,7 +204,7 @@ def provided_partition(item: dict, files: list[str], embeddings: str, clip_score
         "clip_score": clip,
         "dfn_score": dfn if dfn_score else None,
     }
-    table = assemble(ingest.column("uid"), [result], dim)
+    table = assemble(ingest.column("uid"), [result], dim, width)
     if face_bboxes:
         table = table.append_column("face_bboxes", provided_boxes(files, file_of, row_of, rows, ingest.num_rows))
     write_table_atomic(table, item["out"])
@@ -270,13 +270,14 @@ def run(ctx) -> None:
     if not files:
         raise EmbedError(f"embed.provided.metadata {provided.metadata}: no .parquet files")
     dim = _dim(files, EMBEDDING_ARRAYS[provided.embeddings][0])
+    width = stored_dims(dim, ctx.config.embed.store_dims) if dim else dim
     todo = ctx.todo([p.index for p in ctx.partitions])
     if todo:
-        embed_partitions(ctx, files, todo, dim)
-    record_totals(ctx, {"embed": f"DataComp metadata {provided.embeddings}"}, "none", dim)
+        embed_partitions(ctx, files, todo, dim, width)
+    record_totals(ctx, {"embed": f"DataComp metadata {provided.embeddings}"}, "none", dim, width)
 
 
-def embed_partitions(ctx, files: list[str], todo: list[int], dim: int) -> None:
+def embed_partitions(ctx, files: list[str], todo: list[int], dim: int, width: int) -> None:
     """The join, then one task per partition; the join's files go once every partition is written."""
     provided = ctx.config.embed.provided
     counted = map_items(_file_rows, [{"file": k, "url": url} for k, url in enumerate(files)], timeout_s=ctx.item_timeout_s)
@@ -290,7 +291,7 @@ def embed_partitions(ctx, files: list[str], todo: list[int], dim: int) -> None:
     from pipeline.stages import faces_provided
 
     kwargs = {"files": files, "embeddings": provided.embeddings, "clip_score": provided.clip_score,
-              "dfn_score": provided.dfn_score, "dim": dim, "face_bboxes": faces_provided(ctx.config)}
+              "dfn_score": provided.dfn_score, "dim": dim, "width": width, "face_bboxes": faces_provided(ctx.config)}
     for result in map_items(provided_partition, items, worker_kwargs=kwargs, num_cpus=1, timeout_s=ctx.item_timeout_s):
         ctx.partition_done(result["partition"], {k: result[k] for k in ("samples", "embedded", "with_text")})
     fs.remove_tree(ctx.paths.stage_dir(NAME))

@@ -37,7 +37,9 @@ class SelectError(ValueError):
 
 
 def config_fingerprint(config) -> dict:
-    return {"select": config.select.model_dump(mode="json")}
+    # DBP's reduction options at their defaults change nothing: left out, so earlier runs resume
+    unreduced = {"dbp": {"dims", "reduce"}} if config.select.dbp.dims is None else None
+    return {"select": config.select.model_dump(mode="json", exclude=unreduced)}
 
 
 def outputs(paths) -> list[str]:

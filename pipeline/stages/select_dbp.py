@@ -6,7 +6,8 @@ assigns its survivors to the centroids (kept per partition: resumable) and sums 
 members and their exact distances; aggregate: the driver adds those K-sized sums and solves the
 quotas (K clusters, never N samples); shuffle: survivors' (cluster, distance, uid) records meet
 by cluster, where each cluster keeps its hardest members up to its quota. A cluster is one
-group, so a task holds the records of whole clusters (about 60 bytes a member).
+group, so a task holds the records of whole clusters (about 60 bytes a member). With
+select.dbp.dims the embeddings are reduced first (pipeline.stages.reduction).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.io.embeddings import read_vectors
 from pipeline.io.parquet import read_table, write_table_atomic
 from pipeline.ray_adapter import gpus_per_worker, map_items, run_remote
 from pipeline.stages import training_sample
+from pipeline.stages.reduction import Space, projection_url, stored_width
 from pipeline.stages.training_sample import stacked, vectors_table
 from pipeline.stages.steps import Step, StepRun, integer_buckets, shuffle_decide, with_partition
 
@@ -39,7 +41,13 @@ class DbpError(ValueError):
 
 
 def outputs(paths) -> list[str]:
-    return [paths.stage_dir(DBP_ASSIGNMENT), paths.url("clusters", DBP_CENTROIDS), paths.url("clusters", "dbp.parquet")]
+    return [paths.stage_dir(DBP_ASSIGNMENT), paths.url("clusters", DBP_CENTROIDS),
+            projection_url(paths.url("clusters", DBP_CENTROIDS)), paths.url("clusters", "dbp.parquet")]
+
+
+def space(dbp, paths) -> Space:
+    """The space DBP's concept clustering works in."""
+    return Space.of("select.dbp", dbp, paths.url("clusters", DBP_CENTROIDS))
 
 
 def dbp_target(dbp, entering: int) -> int:
@@ -61,12 +69,12 @@ def sample_embeddings(item: dict) -> pa.Table:
     chosen = rows[np.asarray(item["picks"], dtype=np.int64)]
     if not present[chosen].all():
         raise DbpError(f"partition {item['partition']}: a sample reaching DBP has no image embedding")
-    return vectors_table(matrix[(np.cumsum(present) - 1)[chosen]])
+    return vectors_table(item["space"].for_sample(matrix[(np.cumsum(present) - 1)[chosen]]))
 
 
 def train_centroids(dbp, k: int, centroids_url: str, *samples: pa.Table) -> int:
     """Spherical k-means on the gathered sample (partition order); saves the centroids."""
-    sample = stacked(samples)
+    sample = Space.of("select.dbp", dbp, centroids_url).fit(stacked(samples))
     import faiss
 
     use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
@@ -90,7 +98,8 @@ def assign_dbp_partition(item: dict) -> dict:
     if len(rows):
         if not present[rows].all():
             raise DbpError(f"partition {item['partition']}: a sample reaching DBP has no image embedding")
-        cluster[rows], dist[rows] = assign_to_centroids(matrix[(np.cumsum(present) - 1)[rows]], centroids)
+        cluster[rows], dist[rows] = assign_to_centroids(item["space"].apply(matrix[(np.cumsum(present) - 1)[rows]]),
+                                                        centroids)
     missing = cluster < 0
     write_table_atomic(pa.table({
         "uid": verdict.column("uid"),
@@ -183,19 +192,25 @@ def decide(run: StepRun) -> dict:
     if entering == 0:
         return {"assignment": None, "counts": None}
     centroids_url = paths.url("clusters", DBP_CENTROIDS)
+    reduced = space(dbp, paths)
+    stored = stored_width(run.ctx.read("embed", min(run.inputs)))
+    reduced.check(stored, "the stored image embeddings")
     earlier = reference.artifact("clusters", DBP_CENTROIDS) if reference else None
     if not run.state.get("trained"):
         if earlier is not None:
+            reduced.check_centroids(_load_centroids(earlier), stored, earlier)
+            reduced.copy_from(earlier)
             fs.write_bytes_atomic(centroids_url, fs.read_bytes(earlier))
         else:
-            _train(run, centroids_url)
+            _train(run, centroids_url, reduced)
         run.state["trained"] = True
         run.save()
     k = len(_load_centroids(centroids_url))
     pattern = paths.stage_part_pattern(DBP_ASSIGNMENT)
     assigned = run.state.setdefault("assigned", [])
     items = [{"partition": i, "verdict": url, "embed": run.ctx.read("embed", i), "centroids": centroids_url,
-              "out": pattern.format(partition=i)} for i, url in sorted(run.inputs.items()) if i not in assigned]
+              "out": pattern.format(partition=i), "space": reduced}
+             for i, url in sorted(run.inputs.items()) if i not in assigned]
     for result in map_items(assign_dbp_partition, items, num_cpus=1, timeout_s=run.timeout_s):
         assigned.append(result["partition"])
         run.save()
@@ -227,13 +242,16 @@ def decide(run: StepRun) -> dict:
                          published if reference is not None else None)
     counts = {"entering": int(entering), "target": int(target), "kept": int(kept_new.sum()), "k": int(k),
               "published_earlier": int(published.sum())}
+    if reduced.reduces:
+        counts["dims"] = {"dims": reduced.dims, "reduce": reduced.method, "stored": stored}
     return {"assignment": pattern, "counts": counts}
 
 
-def _train(run: StepRun, centroids_url: str) -> None:
+def _train(run: StepRun, centroids_url: str, reduced: Space) -> None:
     """k-means on a seeded sample of the survivors, fetched from the partitions that hold it."""
     dbp = run.config.select.dbp
-    items = [{"partition": i, "verdict": url, "embed": run.ctx.read("embed", i)} for i, url in sorted(run.inputs.items())]
+    items = [{"partition": i, "verdict": url, "embed": run.ctx.read("embed", i), "space": reduced}
+             for i, url in sorted(run.inputs.items())]
     refs, sampled = training_sample.gather(items, run.survivors, dbp.max_train_points, dbp.seed, sample_embeddings)
     k = min(dbp.k, sampled, dbp_target(dbp, run.entering))
     if k < dbp.k:
