@@ -11,11 +11,17 @@ length so that inner products stay cosines:
   origin keeps them, where centring on the sample mean first would measure angles around the
   mean instead (benchmarks/reduced_dims.py compares the two).
 
-A row is reduced by a fixed sequence of float64 operations in index order (as
-``semdedup.canonical_dot`` computes a dot product), so its reduced vector depends only on the
-row and the projection, never on batching, threads or the BLAS; every stage that reduces the
-same row gets the same bits. Truncation to d = D returns the rows unchanged, so a full-width
-setting reproduces the unreduced run exactly.
+A row's reduced vector depends only on the row (and the projection), never on batching, threads
+or the BLAS, so every stage that reduces the same row gets the same bits: norms are summed in
+float64 in index order (as ``semdedup.canonical_dot`` sums a dot product), and the projection is
+exact: the rows are taken on the grid of 2**-24 (every float16 value lies on it, and stored
+embeddings are float16), the components are rounded to the grid of 2**-26, so every product is
+a multiple of 2**-50 and, for rows of norm at most 4, every partial sum of a dot product is below
+2**2: all exact in float64, whatever order a BLAS adds them in. Truncation to d = D returns the
+rows unchanged, so a full-width setting reproduces the unreduced run exactly.
+
+The fit itself (float64 BLAS and LAPACK) runs once, in the k-means training task; the same sample
+gives the same projection on the same machine, and what is saved is what every row gets.
 """
 
 from __future__ import annotations
@@ -26,18 +32,21 @@ import numpy.typing as npt
 __all__ = ["METHODS", "fit_pca", "project", "reduce", "truncate", "unit_rows"]
 
 METHODS = ("truncate", "pca")
-_CHUNK = 16384  # rows per step: bounds the float64 working set to _CHUNK x d
+_CHUNK = 16384  # rows per step: bounds the float64 working set to _CHUNK x D
+_ROW_GRID = 2.0**24  # rows are taken on the grid of 2**-24: every float16 value lies on it
+_WEIGHT_GRID = 2.0**26  # components on the grid of 2**-26: products are multiples of 2**-50
+_MAX_NORM = 4.0  # rows up to this norm keep every partial sum below 2**2: exact in float64
 
 
 def unit_rows(y: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """Rows scaled to unit length as float32 (a zero row stays zero); the squared norm is summed
     in float64 in index order."""
-    y64 = np.asarray(y, dtype=np.float64)
-    if y64.ndim != 2:
+    y = np.asarray(y)
+    if y.ndim != 2:
         raise ValueError("expected a 2-D array [n, d]")
-    out = np.empty(y64.shape, np.float32)
-    for s in range(0, len(y64), _CHUNK):
-        block = y64[s : s + _CHUNK]
+    out = np.empty(y.shape, np.float32)
+    for s in range(0, len(y), _CHUNK):
+        block = np.asarray(y[s : s + _CHUNK], np.float64)  # float64 a chunk at a time
         squared = np.zeros(len(block), np.float64)
         for i in range(block.shape[1]):
             squared += block[:, i] * block[:, i]
@@ -65,18 +74,22 @@ def fit_pca(sample: npt.ArrayLike, d: int, *, centre: bool = False) -> npt.NDArr
     The moment matrix and its eigenvectors are computed in float64 (numpy: LAPACK ``syevd``); each
     component's sign is fixed so that its largest-magnitude coordinate (the first, on ties) is
     positive, so the same sample gives the same projection."""
-    x = np.asarray(sample, dtype=np.float64)
-    if x.ndim != 2 or len(x) == 0:
+    sample = np.asarray(sample)
+    if sample.ndim != 2 or len(sample) == 0:
         raise ValueError("sample must be a non-empty 2-D array [n, D]")
-    n, width = x.shape
+    n, width = sample.shape
     if not 1 <= d <= width:
         raise ValueError(f"cannot fit {d} principal components to {width}-d vectors")
-    if not np.all(np.isfinite(x)):
+    if not np.all(np.isfinite(sample)):
         raise ValueError("sample must be finite")
-    mean = x.sum(axis=0) / n if centre else np.zeros(width)
+    mean = np.zeros(width)
+    if centre:
+        for s in range(0, n, _CHUNK):
+            mean += np.asarray(sample[s : s + _CHUNK], np.float64).sum(axis=0)
+        mean /= n
     moment = np.zeros((width, width), np.float64)
-    for s in range(0, n, _CHUNK):
-        block = x[s : s + _CHUNK] - mean
+    for s in range(0, n, _CHUNK):  # float64 a chunk at a time: the sample may be large
+        block = np.asarray(sample[s : s + _CHUNK], np.float64) - mean
         moment += block.T @ block
     moment /= n
     values, vectors = np.linalg.eigh((moment + moment.T) / 2)
@@ -84,28 +97,27 @@ def fit_pca(sample: npt.ArrayLike, d: int, *, centre: bool = False) -> npt.NDArr
     components = vectors[:, order].T  # [d, D]
     lead = np.argmax(np.abs(components), axis=1)
     signs = np.where(components[np.arange(d), lead] < 0, -1.0, 1.0)
-    return np.ascontiguousarray(components * signs[:, None])
+    return np.ascontiguousarray(np.round(components * signs[:, None] * _WEIGHT_GRID) / _WEIGHT_GRID)
 
 
 def project(x: npt.ArrayLike, projection: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """Rows projected onto the projection's components ``[d, D]`` and renormalised.
 
-    Each output coordinate is summed over the input coordinates in index order in float64."""
+    Exact in float64 (module docstring): rows on the 2**-24 grid, components on the 2**-26 grid
+    (as fit_pca gives them), rows of norm at most 4."""
     xa = np.asarray(x, dtype=np.float32)
     p = np.asarray(projection, dtype=np.float64)
     if xa.ndim != 2 or p.ndim != 2 or p.shape[1] != xa.shape[1] or len(p) < 1:
         raise ValueError(f"a projection [d, {xa.shape[-1]}] is needed for {xa.shape[-1]}-d rows, got {p.shape}")
-    weights = p.T  # [D, d]: row i is what input coordinate i adds to each output
+    if not np.array_equal(np.round(p * _WEIGHT_GRID) / _WEIGHT_GRID, p) or np.abs(p).max() > 1:
+        raise ValueError("the projection's components must be unit vectors on the 2**-26 grid (as fit_pca gives them)")
+    weights = np.ascontiguousarray(p.T)  # [D, d]
     out = np.empty((len(xa), len(p)), np.float32)
-    term = np.empty((min(len(xa), _CHUNK), len(p)), np.float64)
     for s in range(0, len(xa), _CHUNK):
-        rows = xa[s : s + _CHUNK].astype(np.float64)
-        acc = np.zeros((len(rows), len(p)), np.float64)
-        part = term[: len(rows)]
-        for i in range(rows.shape[1]):
-            np.multiply(rows[:, i : i + 1], weights[i], out=part)
-            acc += part
-        out[s : s + _CHUNK] = unit_rows(acc)
+        rows = np.round(xa[s : s + _CHUNK].astype(np.float64) * _ROW_GRID) / _ROW_GRID
+        if not np.all(np.isfinite(rows)) or (len(rows) and np.einsum("ij,ij->i", rows, rows).max() > _MAX_NORM**2):
+            raise ValueError(f"rows to project must be finite and of norm at most {_MAX_NORM:g}")
+        out[s : s + _CHUNK] = unit_rows(rows @ weights)
     return out
 
 

@@ -60,7 +60,7 @@ def test_pca_finds_the_directions_of_largest_spread_and_is_deterministic(centre)
     x = (rng.normal(size=(4000, 10)) * scales) @ basis.T + (0.5 * basis[:, 9] if centre else 0.0)
     components = fit_pca(x, 3, centre=centre)
     assert components.shape == (3, 10) and components.dtype == np.float64
-    np.testing.assert_allclose(components @ components.T, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(components @ components.T, np.eye(3), atol=1e-7)  # on the 2**-26 grid
     # each component is one of the planted axes (up to sign), in order of spread
     np.testing.assert_allclose(np.abs(components @ basis[:, :3]), np.eye(3), atol=0.02)
     assert np.array_equal(fit_pca(x, 3, centre=centre), components)
@@ -83,6 +83,24 @@ def test_projection_is_projected_and_renormalised():
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     assert np.array_equal(reduce(x, 4, "pca", projection), y)
+
+
+def test_the_projection_is_exact_whatever_order_its_sums_take():
+    x = _unit(2000, 96, seed=6).astype(np.float16).astype(np.float32)  # stored embeddings
+    projection = fit_pca(x, 8)
+    assert np.array_equal(np.round(projection * 2.0**26) / 2.0**26, projection)
+    y = project(x, projection)
+    x64 = x.astype(np.float64)
+    reversed_order = x64[:, ::-1] @ np.ascontiguousarray(projection[:, ::-1].T)
+    one_by_one = np.zeros((len(x), 8))
+    for i in range(96):
+        one_by_one += x64[:, i : i + 1] * projection[:, i]
+    assert np.array_equal(unit_rows(reversed_order), y) and np.array_equal(unit_rows(one_by_one), y)
+
+
+def test_a_projection_off_its_grid_is_refused():
+    with pytest.raises(ValueError, match="grid"):
+        project(_unit(3, 4), np.full((1, 4), 0.1))
 
 
 def test_unit_rows_matches_numpy():
