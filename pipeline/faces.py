@@ -135,7 +135,7 @@ def blur_faces(data: bytes, boxes) -> tuple[bytes, str]:
     other format is written as PNG, losslessly, so outside the boxes they are identical (a palette
     image is written as RGB(A) with the same colours; a 16-bit one loses its low bits).
     """
-    from PIL import Image, ImageFilter
+    from PIL import ImageFilter
 
     image = open_image(data)
     source_format = image.format
