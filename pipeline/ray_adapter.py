@@ -53,9 +53,25 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         log.warning("ray: did not start (%s); retrying once", " ".join(str(exc).split()))
         ray.shutdown()  # whatever the failed attempt left running
         ray.init(**kwargs)
+    if kwargs.get("address") == "local":
+        _watch_embedded()
     resources = ray.cluster_resources()
     log.info("ray: %s, %s CPUs, %s GPUs", ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0))
     return True
+
+
+def _watch_embedded() -> None:
+    """Have the agents of the Ray this process just started stopped when it ends (pipeline.ray_reaper)."""
+    from pipeline.ray_reaper import start_watcher
+
+    try:
+        from ray._private import ray_constants
+
+        raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    except (AttributeError, KeyError, IndexError):  # Ray's internals moved: nothing to watch by
+        log.debug("ray: the embedded raylet's pid is not known; its agents are not watched")
+        return
+    start_watcher(raylet)
 
 
 # What ray.init raises when a loaded machine is too slow for its start-up deadlines (the raylet not

@@ -3,6 +3,7 @@ map_prepared: a work item that runs past its wall-clock bound is retried once in
 fails naming its shard."""
 
 import functools
+import os
 import logging
 
 import numpy as np
@@ -135,3 +136,41 @@ def test_map_prepared_fails_naming_the_shard_when_a_model_call_always_hangs(tmp_
         _prepared(tmp_path, ITEMS[:1], "never", "always")
     assert str(failed.value).startswith(_failed("Model"))
     assert hanging_workers.attempts(tmp_path, "m0") == 2
+
+
+@pytest.mark.slow
+def test_the_agents_of_an_embedded_ray_end_with_a_driver_killed_by_sigkill():
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipeline.ray_reaper import processes_of
+
+    code = ("import time, ray; from pipeline.ray_adapter import connect; connect('local', 1); "
+            "from ray._private import ray_constants; "
+            "print(ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid, "
+            "flush=True); time.sleep(600)")
+    root = Path(__file__).resolve().parents[1]
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              cwd=root, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        raylet = int(driver.stdout.readline())
+        deadline = time.time() + 60
+        while len(processes_of(raylet)) < 2 and time.time() < deadline:  # the agents are up
+            time.sleep(0.2)
+        assert len(processes_of(raylet)) >= 2
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.time() + 60
+        while processes_of(raylet) and time.time() < deadline:
+            time.sleep(0.2)
+        assert processes_of(raylet) == []
+    finally:
+        for pid in processes_of(raylet) if "raylet" in locals() else []:
+            os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
