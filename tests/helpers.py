@@ -238,3 +238,140 @@ def ray_processes(temp_dir: str) -> list[int]:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return sorted(found)
+
+
+# --- a driver killed with SIGKILL mid-stage (tests/test_faults*.py) -------------------------------
+#
+# The driver is `pipeline/curate.py` on an embedded Ray, in a session of its own, so that one
+# SIGKILL of its process group ends the driver and the Ray it started, as a lost machine would.
+
+
+def curate_command(input_url, output_url, overrides: list[str]) -> list[str]:
+    """The command line of a job on an embedded Ray (the one a rerun repeats)."""
+    import sys
+
+    return [sys.executable, "pipeline/curate.py", "--config", "jobs/quickstart.yaml",
+            f"input={input_url}", f"output={output_url}", *overrides, "ray.address=local"]
+
+
+def run_job(input_url, output_url, overrides: list[str], timeout_s: float = 600):
+    """Run the job to its end; returns the CompletedProcess (its stderr holds the log)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run(curate_command(input_url, output_url, overrides), cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def stage_record(output_dir, stage: str) -> dict | None:
+    """A stage's record in the run's manifest.json as it is on disk now (None: not there yet)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(output_dir, "manifest.json").read_text())["stages"].get(stage)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def kill_driver_when(input_url, output_url, overrides: list[str], ready, what: str, timeout_s: float = 300) -> None:
+    """Start the job, SIGKILL its driver (and the embedded Ray it started) as soon as `ready()` is
+    true; fails when the run ends first or `ready` is not reached in `timeout_s`."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(curate_command(input_url, output_url, overrides), cwd=Path(__file__).resolve().parents[1],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if ready():
+                break
+            assert driver.poll() is None, f"the run finished before it could be interrupted ({what})"
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"{what}: not reached in {timeout_s}s")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        # the embedded Ray the driver started is orphaned by SIGKILL: clear its process group
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def partly_done(record: dict) -> bool:
+    """Some of a stage's work is recorded in its manifest record: partitions done, or in a stage of
+    global steps (dedup, select) a step decided or some of its partitions applied."""
+    steps = record["counts"].get("steps", {})
+    return bool(record["partitions_done"]) or any("params" in step for step in steps.values())
+
+
+def resume_lines(result) -> list[str]:
+    """The pipeline's own log lines of a finished job (what each stage did)."""
+    return [line for line in result.stderr.splitlines() if " curate " in line]
+
+
+def assert_same_output(reference, out) -> None:
+    """Byte-identical output: metadata, shards, and the embeddings/ and clusters/ artifacts and the
+    DataComp subset file where the reference run wrote them; the same counts in the manifest."""
+    import filecmp
+    import json
+    from pathlib import Path
+
+    reference, out = Path(reference), Path(out)
+    for folder in ("metadata", "shards", "embeddings", "clusters"):
+        if not (reference / folder).exists():
+            continue
+        names = sorted(p.name for p in (reference / folder).iterdir())
+        assert names == sorted(p.name for p in (out / folder).iterdir()), folder
+        _, mismatch, errors = filecmp.cmpfiles(reference / folder, out / folder, names, shallow=False)
+        assert not mismatch and not errors, (folder, mismatch, errors)
+    if (reference / "datacomp_subset.npy").exists():
+        assert filecmp.cmp(reference / "datacomp_subset.npy", out / "datacomp_subset.npy", shallow=False)
+    assert not list(out.rglob("*.tmp-*")), "a temporary file was left behind"
+    expected, got = (json.loads((run / "manifest.json").read_text()) for run in (reference, out))
+    assert got["counts"] == expected["counts"]
+    for name, record in expected["stages"].items():
+        if name == "report":  # its page shows each stage's time: its size varies
+            continue
+        want, have = _recorded_counts(record, reference), _recorded_counts(got["stages"][name], out)
+        assert have == want, f"stage {name}'s record differs: {_differing(want, have)}"
+
+
+# What a stage's record holds that is not a count of its work: how long it took.
+_TIMINGS = {"decided_s"}
+
+
+def _recorded_counts(record: dict, run_dir) -> dict:
+    """A stage's counts and sample totals, without timings, with the run's own path as `RUN`, and
+    lists of partitions (recorded as they finish, in any order) sorted."""
+    import json
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _TIMINGS}
+        if isinstance(value, list):
+            if all(isinstance(v, int) for v in value):
+                return sorted(value)
+            return [strip(v) for v in value]
+        return value.replace(str(run_dir), "RUN") if isinstance(value, str) else value
+
+    counts = {"samples_in": record["samples_in"], "samples_out": record["samples_out"], "counts": record["counts"]}
+    return json.loads(json.dumps(strip(counts)))
+
+
+def _differing(want, have, key: str = "") -> list[str]:
+    """The dotted keys whose values differ, each with both values (the expected one first)."""
+    if isinstance(want, dict) and isinstance(have, dict):
+        return [d for k in sorted(set(want) | set(have)) for d in _differing(want.get(k), have.get(k), f"{key}.{k}")]
+    return [] if want == have else [f"{key.lstrip('.')}: {want!r:.80} != {have!r:.80}"]

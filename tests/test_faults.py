@@ -4,12 +4,9 @@ After the kill the same command is run again; the output must be byte-identical 
 run, every sample accounted for exactly once.
 """
 
-import filecmp
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,12 +15,11 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from tests.helpers import WITHOUT_MODEL
+from tests.helpers import WITHOUT_MODEL, assert_same_output, curate_command, kill_driver_when, partly_done, resume_lines, run_job, stage_record
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 3  # many small output shards, so the write stage outlasts the manifest's 2 s save throttle
-# The quickstart job without its model (the embedding stage's own resume is tested in
-# tests/stages/test_embed.py).
+# The quickstart job without its model (the model stages: tests/test_faults_models.py).
 # A SQL predicate keeps a select stage in the job without a model, so that it can be interrupted too.
 OVERRIDES = [f"write.shard_size={SHARD_SIZE}", *WITHOUT_MODEL, "select.where=caption_words >= 4"]
 
@@ -45,72 +41,22 @@ def reference(pool, tmp_path_factory, ray_local):
     return out
 
 
-def _command(pool, out):
-    return [sys.executable, "pipeline/curate.py", "--config", "jobs/quickstart.yaml",
-            f"input={pool}", f"output={out}", *OVERRIDES, "ray.address=local"]
-
-
-def _run_job(pool, out):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run(_command(pool, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _stage_progress(out, stage):
-    try:
-        record = json.loads((out / "manifest.json").read_text())["stages"].get(stage)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record
-
-
-def _partly_done(record) -> bool:
-    """Some of a stage's work is recorded: partitions done, or in a stage of global steps (dedup,
-    select) a step decided or some of its partitions applied."""
-    steps = record["counts"].get("steps", {})
-    return bool(record["partitions_done"]) or any("params" in step for step in steps.values())
-
-
-def _assert_same_output(reference, out):
-    for folder in ("metadata", "shards"):
-        names = sorted(p.name for p in (reference / folder).iterdir())
-        assert names == sorted(p.name for p in (out / folder).iterdir()), folder
-        _, mismatch, errors = filecmp.cmpfiles(reference / folder, out / folder, names, shallow=False)
-        assert not mismatch and not errors, (folder, mismatch, errors)
-    assert not list(out.rglob("*.tmp-*")), "a temporary file was left behind"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ingest", "dedup", "select", "write"])
 def test_driver_killed_mid_stage_then_rerun_gives_identical_output(pool, reference, tmp_path, stage):
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    driver = subprocess.Popen(_command(pool, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            record = _stage_progress(out, stage)
-            if record and not record["complete"] and _partly_done(record):
-                break
-            assert driver.poll() is None, "the run finished before it could be interrupted"
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"{stage} never started")
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        # the embedded Ray the driver started is orphaned by SIGKILL: clear its process group
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    interrupted = _stage_progress(out, stage)
-    assert not interrupted["complete"]
-    result = _run_job(pool, out)
+
+    def interrupted():
+        record = stage_record(out, stage)
+        return bool(record) and not record["complete"] and partly_done(record)
+
+    kill_driver_when(pool, out, OVERRIDES, interrupted, f"{stage} partly done")
+    assert not stage_record(out, stage)["complete"]
+    result = run_job(pool, out, OVERRIDES)
     assert result.returncode == 0, result.stderr[-2000:]
-    steps = [line for line in result.stderr.splitlines() if " curate " in line]
+    steps = resume_lines(result)
     assert any(f"{stage}: resuming" in line for line in steps), "\n".join(steps)
-    _assert_same_output(reference, out)
+    assert_same_output(reference, out)
 
 
 def _descendants(root: int) -> set[int]:
@@ -159,7 +105,7 @@ def test_worker_killed_mid_task_is_retried_and_the_run_completes(pool, reference
         killer.join(5)
     assert killed and killed[0], "no ingest worker was killed"
     assert summary.samples == 1200
-    _assert_same_output(reference, out)
+    assert_same_output(reference, out)
 
 
 def test_an_input_whose_read_never_returns_fails_the_run_naming_the_shard(tmp_path):
@@ -168,7 +114,7 @@ def test_an_input_whose_read_never_returns_fails_the_run_naming_the_shard(tmp_pa
     fifo = tmp_path / "x.tar"
     os.mkfifo(fifo)
     try:
-        result = subprocess.run(_command(fifo, tmp_path / "out") + ["ray.item_timeout_s=2", "ray.num_cpus=2"],
+        result = subprocess.run(curate_command(fifo, tmp_path / "out", OVERRIDES) + ["ray.item_timeout_s=2", "ray.num_cpus=2"],
                                 cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
                                 text=True, timeout=300)
     finally:
