@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # threshold cut (dfn_score) and DBP.
 OVERRIDES = ["write.shard_size=50", "write.embeddings=true", "select.clip.fraction=0.9"]
 
-# Where a global step's work shows on disk before the manifest records it (its decision is recorded
-# only once made): the updates its decision writes, its verdicts, DBP's per-partition assignments.
-STEP_FILES = {
+# Where work shows on disk before the manifest records it: the cluster stage's trained centroids,
+# and in a global step (whose decision is recorded only once made) the updates its decision writes,
+# its verdicts, DBP's per-partition assignments.
+PROGRESS_FILES = {
+    ("cluster", None): ["clusters/dedup_centroids.npy"],
     ("dedup", "semantic"): ["stages/dedup/semantic/updates/part-*.parquet"],
     ("select", "clip_score"): ["stages/select/clip_score/part-*.parquet"],
     ("select", "dbp"): ["stages/select_dbp/part-*.parquet", "stages/select/dbp/updates/part-*.parquet"],
@@ -53,16 +55,16 @@ def reference(pool, tmp_path_factory, ray_local):
 
 
 def _in_progress(out: Path, stage: str, step: str | None) -> bool:
-    """The stage is running and part of its work is done: for embed and cluster, partitions
-    recorded in the manifest; for a global step, its decision recorded, or its files on disk."""
+    """The stage is running and part of its work is done: partitions recorded in the manifest, or
+    the step's decision recorded, or its files (PROGRESS_FILES) on disk."""
     record = stage_record(out, stage)
     if not record or record["complete"]:
         return False
+    on_disk = any(next(out.glob(pattern), None) is not None for pattern in PROGRESS_FILES.get((stage, step), []))
     if step is None:
-        return partly_done(record)
+        return partly_done(record) or on_disk
     state = record["counts"].get("steps", {}).get(step, {})
-    return "params" in state or bool(state.get("trained")) or any(
-        next(out.glob(pattern), None) is not None for pattern in STEP_FILES[stage, step])
+    return "params" in state or bool(state.get("trained")) or on_disk
 
 
 @pytest.mark.slow

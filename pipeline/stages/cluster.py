@@ -148,13 +148,16 @@ def run(ctx) -> None:
             reduced.copy_from(given)
             save_centroids(centroids, centroids_url)
         ctx.record.counts["centroids_from"] = given
-    elif not fs.exists(centroids_url):
+    elif "trained_on" not in ctx.record.counts:
+        # The record, not the file, says whether training is done: centroids a killed run saved
+        # before recording them are trained again (seeded: the same), so their counts are not lost.
         sources = [{"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "space": reduced}
                    for i in indices]
         counts = {r["partition"]: r["count"] for r in map_items(count_eligible, sources, num_cpus=1, timeout_s=ctx.item_timeout_s)}
         samples, _ = training_sample.gather(sources, counts, settings.max_train_points, settings.seed, sample_vectors)
         gpus = gpus_per_worker(ctx.resources)
         ctx.record.counts.update(run_remote(train, ctx.config, centroids_url, sum(counts.values()), *samples, num_gpus=gpus))
+        ctx.manifest.set_stage(ctx.stage_name, ctx.record)  # at once: a resume does not train again
     items = [
         {"partition": i, "ingest": ingest_urls[i], "embed": embed_urls[i], "centroids": centroids_url,
          "out": ctx.paths.stage_part(NAME, i), "space": reduced}
