@@ -147,6 +147,10 @@ def _run(config: CurateConfig, checked: Checked, lease: OutputLease) -> RunSumma
     reference, seen, partitions = checked.reference, checked.seen, checked.partitions
     log.info("input: %d shards from %s%s; output: %s", len(partitions), config.input,
              f" ({len(seen)} already processed by {reference.url})" if reference else "", paths.root)
+    # What atomic writes of a killed run left unfinished (the lease says no other run is writing here).
+    left = fs.remove_temporaries(paths.root)
+    if left:
+        log.info("output: removed %d temporary file(s) an interrupted run left", left)
     manifest = Manifest.load(paths.manifest)
     manifest.data.update(
         curate_version=__version__,

@@ -126,6 +126,18 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator:
         raise
 
 
+def remove_temporaries(url: str) -> int:
+    """Remove the `.tmp-*` files under a directory URL (what atomic writes cut short by a killed
+    process leave behind); returns how many. Only for a directory no other process is writing to."""
+    fsys, path = to_fs(url)
+    if not fsys.exists(path):
+        return 0
+    stale = [p for p in fsys.find(path) if ".tmp-" in posixpath.basename(p)]
+    for p in stale:
+        fsys.rm(p)
+    return len(stale)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     with atomic_open(url, "wb") as handle:
         handle.write(data)

@@ -68,10 +68,6 @@ class Manifest:
 
     @classmethod
     def load(cls, url: str) -> "Manifest":
-        # a save that a killed run left unfinished (fs.atomic_open's temporary name): never read
-        fsys, path = fs.to_fs(url)
-        for stale in fsys.glob(f"{path}.tmp-*"):
-            fsys.rm(stale)
         if fs.exists(url):
             return cls(url, json.loads(fs.read_bytes(url)))
         return cls(url, {"stages": {}})

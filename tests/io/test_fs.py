@@ -21,3 +21,17 @@ def test_atomically_written_files_have_the_mode_of_an_ordinary_file(tmp_path, um
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
     assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "sub" / "b.bin").stat().st_mode) == 0o644
+
+
+def test_remove_temporaries_takes_only_the_unfinished_writes(tmp_path):
+    from pipeline.io.fs import remove_temporaries
+
+    keep = [tmp_path / "manifest.json", tmp_path / "metadata" / "part-000000.parquet", tmp_path / "shards" / "00000000.tar"]
+    stale = [tmp_path / "manifest.json.tmp-0a1b", tmp_path / "metadata" / "part-000001.parquet.tmp-ff",
+             tmp_path / "shards" / ".tmp-9c.tar"]
+    for path in keep + stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert remove_temporaries(str(tmp_path)) == 3
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert remove_temporaries(str(tmp_path / "absent")) == 0
