@@ -70,7 +70,9 @@ with atheris.instrument_imports(include=["pipeline", "tarfile"]):
     from pipeline.io.tar import TarReader, TarWriter
     from pipeline.stages.ingest import LanguageIdentifier, ingest_shard
 
-from tests.tar_mutations import BLOCK, END, base256, header, member, mutate, pax, random_shard, with_checksum
+from tests.tar_mutations import (
+    BLOCK, END, Unseekable, base256, header, member, mutate, pax, random_shard, with_checksum,
+)
 
 INGEST_REASONS = ("unsafe_member", "truncated", "oversize_member")
 DICTIONARY = [
@@ -193,19 +195,6 @@ def mutator(data: bytes, max_size: int, seed: int) -> bytes:
 
 
 # --- the targets ---------------------------------------------------------------------------------
-
-class Unseekable(io.RawIOBase):
-    def __init__(self, data: bytes):
-        self._data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        chunk = self._data.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
 
 def _bound(data: bytes) -> int:
     return 2 * (len(data) // BLOCK + 2)
