@@ -375,3 +375,22 @@ def _differing(want, have, key: str = "") -> list[str]:
     if isinstance(want, dict) and isinstance(have, dict):
         return [d for k in sorted(set(want) | set(have)) for d in _differing(want.get(k), have.get(k), f"{key}.{k}")]
     return [] if want == have else [f"{key.lstrip('.')}: {want!r:.80} != {have!r:.80}"]
+
+
+def faults_pool(tmp_path_factory, name: str, shard_size: int):
+    """The 1,200-sample pool the kill -9 tests interrupt runs over (seed 11)."""
+    from pipeline.synth import synthesize
+
+    out = tmp_path_factory.mktemp(name) / "pool"
+    synthesize(str(out), samples=1200, seed=11, shard_size=shard_size)
+    return out
+
+
+def quickstart_config(input_url, output_url, overrides: list[str]):
+    """The quickstart job with `overrides`, as curate_command runs it."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
+    return load_config(str(job), [f"input={input_url}", f"output={output_url}", *overrides])

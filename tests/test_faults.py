@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from tests.helpers import WITHOUT_MODEL, assert_same_output, curate_command, kill_driver_when, partly_done, resume_lines, run_job, stage_record
+from tests.helpers import (
+    WITHOUT_MODEL, assert_same_output, curate_command, faults_pool, kill_driver_when, partly_done, quickstart_config,
+    resume_lines, run_job, stage_record,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 3  # many small output shards, so the write stage outlasts the manifest's 2 s save throttle
@@ -26,18 +28,14 @@ OVERRIDES = [f"write.shard_size={SHARD_SIZE}", *WITHOUT_MODEL, "select.where=cap
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from pipeline.synth import synthesize
-
-    out = tmp_path_factory.mktemp("faults") / "pool"
-    synthesize(str(out), samples=1200, seed=11, shard_size=150)
-    return out
+    return faults_pool(tmp_path_factory, "faults", shard_size=150)
 
 
 @pytest.fixture(scope="module")
 def reference(pool, tmp_path_factory, ray_local):
     """The uninterrupted run, on this session's Ray (the output does not depend on the cluster)."""
     out = tmp_path_factory.mktemp("faults") / "reference"
-    run_pipeline(load_config(str(ROOT / "jobs" / "quickstart.yaml"), [f"input={pool}", f"output={out}", *OVERRIDES]))
+    run_pipeline(quickstart_config(pool, out, OVERRIDES))
     return out
 
 
@@ -97,8 +95,7 @@ def test_worker_killed_mid_task_is_retried_and_the_run_completes(pool, reference
     killer.start()
     out = tmp_path / "out"
     try:
-        config = load_config(str(ROOT / "jobs" / "quickstart.yaml"),
-                             [f"input={pool}", f"output={out}", *OVERRIDES])
+        config = quickstart_config(pool, out, OVERRIDES)
         summary = run_pipeline(config)  # the reference's job, on this session's Ray
     finally:
         stop.set()

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from tests.helpers import assert_same_output, kill_driver_when, partly_done, resume_lines, run_job, stage_record
+from tests.helpers import (
+    assert_same_output, faults_pool, kill_driver_when, partly_done, quickstart_config, resume_lines, run_job, stage_record,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 # 24 input partitions of 50 samples: every stage's per-partition work outlasts the manifest's 2 s
 # save throttle, so that its progress is recorded before it ends. The shards carry the embeddings
 # (write reads embed too) and a fraction cut adds a global score boundary to the quickstart's
@@ -34,18 +34,14 @@ PROGRESS_FILES = {
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from pipeline.synth import synthesize
-
-    out = tmp_path_factory.mktemp("faults-models") / "pool"
-    synthesize(str(out), samples=1200, seed=11, shard_size=50)
-    return out
+    return faults_pool(tmp_path_factory, "faults-models", shard_size=50)
 
 
 @pytest.fixture(scope="module")
 def reference(pool, tmp_path_factory, ray_local):
     """The uninterrupted run, on this session's Ray (the output does not depend on the cluster)."""
     out = tmp_path_factory.mktemp("faults-models") / "reference"
-    config = load_config(str(ROOT / "jobs" / "quickstart.yaml"), [f"input={pool}", f"output={out}", *OVERRIDES])
+    config = quickstart_config(pool, out, OVERRIDES)
     assert config.embed.model and config.dfn.model and config.dedup.semantic and config.select.dbp.enabled
     run_pipeline(config)
     stages = stage_record(out, "select")["counts"]["steps"]
